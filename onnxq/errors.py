@@ -1,0 +1,13 @@
+"""Errors the CLI turns into one line and an exit code (2: usage, 1: failure)."""
+
+
+class OnnxqError(Exception):
+    """A failure on the user's input or environment: printed as one line, exit 1."""
+
+    exit_code = 1
+
+
+class UsageError(OnnxqError):
+    """Wrong or contradictory options: printed as one line, exit 2."""
+
+    exit_code = 2
