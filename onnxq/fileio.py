@@ -1,0 +1,49 @@
+"""Atomic output: write to a temporary file beside the target, then rename.
+
+A pipeline that dies (error, Ctrl-C, SIGTERM) never leaves a half-written file
+and never leaves the temporary behind.
+"""
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import OnnxqError
+
+
+def check_writable(path):
+    """Fail early, before any long work, if `path` cannot be written."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OnnxqError(f"{path}: output directory {parent} does not exist")
+    if path.is_dir():
+        raise OnnxqError(f"{path}: is a directory, expected a file path")
+    if not os.access(parent, os.W_OK):
+        raise OnnxqError(f"{path}: directory {parent} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path in the target's directory; rename it onto `path` on success."""
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path, data: bytes):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def write_text_atomic(path, text: str):
+    write_bytes_atomic(path, text.encode("utf-8"))
