@@ -1,0 +1,57 @@
+"""Placement rules per runtime: data, not code paths.
+
+A target says where Q/DQ pairs go so that its graph compiler fuses them into
+integer kernels, and what it accepts (asymmetric activations or not). Adding
+a runtime is adding an entry here (and a backend folder for build/run).
+"""
+
+from dataclasses import dataclass
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    # Q on the output of each quantized Conv: onnxruntime only forms QLinearConv from DQ -> Conv -> Q.
+    quantize_conv_outputs: bool
+    # Elementwise ops run in int8 too (their inputs DQ'd, outputs Q'd), so the runtime keeps int8
+    # between Convs instead of dequantizing around each activation.
+    int8_elementwise: tuple = ()
+    # TensorRT fuses a residual Add into the Conv before it only when both Add inputs are Q/DQ'd.
+    quantize_add_inputs: bool = False
+    # Concat inputs share one scale so that the runtime can concatenate int8 values.
+    unify_concat: bool = False
+    asymmetric_activations: bool = True
+    description: str = ""
+
+
+TARGETS = {
+    "ort": Target(
+        name="ort",
+        quantize_conv_outputs=True,
+        int8_elementwise=("Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Resize", "LeakyRelu"),
+        description="onnxruntime: DQ -> Conv -> Q around every quantized Conv (QLinearConv), and the "
+                    "activations, residual adds and concats between them in int8",
+    ),
+    "openvino": Target(
+        name="openvino",
+        quantize_conv_outputs=False,
+        description="OpenVINO: Q/DQ on Conv inputs (FakeQuantize); LPT runs the Convs in u8/i8",
+    ),
+    "tensorrt": Target(
+        name="tensorrt",
+        quantize_conv_outputs=False,
+        quantize_add_inputs=True,
+        unify_concat=True,
+        asymmetric_activations=False,
+        description="TensorRT: symmetric int8, Q/DQ on Conv and residual Add inputs, shared Concat scales",
+    ),
+}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise UsageError(f"--target {name!r}: choose one of {', '.join(TARGETS)}") from None

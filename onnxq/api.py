@@ -1,0 +1,287 @@
+"""The pipeline, one direction: load -> prepare -> calibrate -> choose ranges -> rewrite.
+
+`quantize()` returns an onnx.ModelProto; `quantize_with_report()` also returns
+what the CLI prints and `--report` writes. Saving is the caller's (atomic).
+"""
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .errors import OnnxqError, UsageError
+from .model import find_inputs, infer_shapes, load_model
+from .passes.fold import fold_constants
+from .passes.graph import to_graph, to_model
+from .passes.opset import upgrade_opset
+from .passes.qdq import insert_qdq
+from .passes.select import plan_quantization
+from .preprocess import PRESETS, Preprocess, preprocess_from_metadata, preprocess_to_metadata
+from .ranges import BITS, METHODS, RangeConfig, activation_params, weight_params
+from .stats import Stats, model_hash
+from .targets import TARGETS, get_target
+
+
+@dataclass
+class QuantReport:
+    model: str
+    target: str
+    config: RangeConfig
+    preprocess: Preprocess
+    preprocess_source: str
+    num_images: int = 0
+    skipped: list = field(default_factory=list)
+    activations: list = field(default_factory=list)  # RangeChoice
+    weights: list = field(default_factory=list)  # dicts
+    float_nodes: dict = field(default_factory=dict)
+    float_tensors: dict = field(default_factory=dict)  # activation tensors left float, and why
+    tail_nodes: int = 0
+    notes: list = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "onnxq_version": __version__,
+            "target": self.target,
+            "method": self.config.method,
+            "w_bits": self.config.w_bits,
+            "a_bits": self.config.a_bits,
+            "symmetric_activations": self.config.symmetric,
+            "preprocess": self.preprocess.to_dict(),
+            "preprocess_source": self.preprocess_source,
+            "calibration_images": self.num_images,
+            "skipped_images": [{"path": str(p), "reason": r} for p, r in self.skipped],
+            "activations": [
+                {"tensor": c.tensor, "method": c.method, "one_sided": c.one_sided, "min": c.observed[0],
+                 "max": c.observed[1], "clip_lo": c.clip[0], "clip_hi": c.clip[1], "scale": c.params.scale,
+                 "zero_point": c.params.zero_point, "qmin": c.params.qmin, "qmax": c.params.qmax,
+                 "clip_ratio": c.clip_ratio, "clipped_fraction": c.clipped_fraction, "mse": c.mse,
+                 "nonfinite": c.nonfinite}
+                for c in self.activations
+            ],
+            "weights": self.weights,
+            "float_nodes": self.float_nodes,
+            "float_tensors": self.float_tensors,
+            "decode_tail_nodes": self.tail_nodes,
+            "notes": self.notes,
+            "seconds": self.seconds,
+        }
+
+
+def parse_bits(spec: str):
+    """'W4A4' -> (4, 4)."""
+    s = spec.strip().upper()
+    try:
+        w, a = s[1:].split("A")
+        w, a = int(w), int(a)
+    except ValueError:
+        raise UsageError(f"--bits {spec!r}: expected WxAy, e.g. W8A8 or W4A4") from None
+    if not s.startswith("W") or w not in BITS or a not in BITS:
+        raise UsageError(f"--bits {spec!r}: weight and activation bits must be among {BITS}")
+    return w, a
+
+
+@dataclass
+class Prepared:
+    """A model ready for calibration and rewriting (opset >= 13, constants folded)."""
+
+    source: onnx.ModelProto
+    model: onnx.ModelProto
+    graph: object
+    inputs: object
+    hash: str
+    name: str
+
+
+def prepare_model(model_or_path, imgsz=None, input_values=None) -> Prepared:
+    if isinstance(model_or_path, onnx.ModelProto):
+        source, name = model_or_path, model_or_path.graph.name or "model"
+        from .model import check_model
+        check_model(source, name)
+    else:
+        name = str(model_or_path)
+        source = load_model(model_or_path)
+    inputs = find_inputs(source, imgsz=imgsz, input_values=input_values, path=name)
+    upgraded = infer_shapes(upgrade_opset(source))
+    graph = fold_constants(to_graph(upgraded))
+    model = to_model(graph, source)
+    return Prepared(source, model, graph, inputs, model_hash(source), name)
+
+
+def _is_ultralytics(meta: dict) -> bool:
+    return meta.get("author", "").lower().startswith("ultralytics") or ("stride" in meta and "names" in meta)
+
+
+def resolve_preprocess(prepared: Prepared, explicit: Preprocess | None, explicit_source="flags"):
+    """Explicit flags > onnxq metadata > Ultralytics metadata > the detected family's preset > ultralytics."""
+    if explicit is not None:
+        return explicit, explicit_source
+    meta = {p.key: p.value for p in prepared.source.metadata_props}
+    stored = preprocess_from_metadata(meta)
+    if stored is not None:
+        return stored, "model metadata"
+    if _is_ultralytics(meta):
+        return PRESETS["ultralytics"], "preset ultralytics (Ultralytics metadata)"
+    try:
+        from .evaluate.families import detect_family_or_none
+        family = detect_family_or_none(prepared.model, prepared.inputs.hw)
+    except ImportError:
+        family = None
+    if family is not None and family.preset in PRESETS:
+        return PRESETS[family.preset], f"preset {family.preset} (detected {family.name} outputs)"
+    return PRESETS["ultralytics"], "preset ultralytics (default; pass --preset or flags to change)"
+
+
+def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8, a_bits=8, symmetric=None,
+                         percentile=99.99, target="ort", keep_first=True, keep_head=True, exclude=(),
+                         preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
+                         batch_size=None, workers=1, threads=None, progress=False, on_skip=None):
+    """Quantize a float ONNX detector. Returns (onnx.ModelProto, QuantReport)."""
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if w_bits not in BITS or a_bits not in BITS:
+        raise UsageError(f"bits must be among {BITS}")
+    tgt = get_target(target)
+    notes = []
+    if symmetric is None:
+        symmetric = not tgt.asymmetric_activations
+    elif not symmetric and not tgt.asymmetric_activations:
+        raise UsageError(f"--target {target} needs symmetric activations (zero-point 0); drop --asymmetric")
+    if tgt.name == "tensorrt" and (w_bits, a_bits) != (8, 8):
+        notes.append("TensorRT runs int8 only: below 8 bits the model is for simulation, not deployment")
+    cfg = RangeConfig(method=method, a_bits=a_bits, w_bits=w_bits, symmetric=bool(symmetric), percentile=percentile)
+    if not 50.0 < percentile < 100.0:
+        raise UsageError(f"--percentile {percentile}: must be between 50 and 100")
+
+    prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
+    notes.extend(prepared.inputs.notes)
+    plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
+    if not plan.weights:
+        raise OnnxqError(f"{prepared.name}: nothing to quantize (no Conv/ConvTranspose/MatMul/Gemm outside the "
+                         "decode tail and the layers kept float)")
+
+    if stats is not None:
+        st = stats if isinstance(stats, Stats) else Stats.load(stats)
+        st.check_matches(prepared.hash, preprocess.to_dict() if preprocess is not None else None, path=str(stats))
+        pp, pp_source = Preprocess.from_dict(st.preprocess), "statistics file"
+        missing = [t for t in plan.calibration_tensors() if t not in st.tensors]
+        if missing:
+            raise OnnxqError(f"{stats}: no statistics for {len(missing)} tensor(s) this plan needs "
+                             f"(e.g. {missing[0]}); recalibrate with `onnxq calibrate`")
+        skipped = []
+    else:
+        if calib is None:
+            raise UsageError("give calibration images (--calib DIR) or statistics (--stats FILE)")
+        from .calibrate import calibrate
+        from .images import list_images
+        pp, pp_source = resolve_preprocess(prepared, preprocess)
+        paths = list_images(calib, num_images=num_images, seed=seed)
+        if num_images and len(paths) < num_images:
+            notes.append(f"--num-images {num_images}: only {len(paths)} images in {calib}")
+        skipped = []
+
+        def skip(path, why):
+            skipped.append((path, why))
+            if on_skip:
+                on_skip(path, why)
+
+        t1 = time.perf_counter()
+        st = calibrate(prepared.model, prepared.inputs, plan.calibration_tensors(), paths, pp, prepared.hash,
+                       batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=skip)
+        notes_time = time.perf_counter() - t1
+    t2 = time.perf_counter()
+
+    report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, num_images=st.num_images, skipped=skipped,
+                         float_nodes=dict(plan.float_nodes), tail_nodes=len(plan.head.tail), notes=notes)
+    act = {}
+    for name, site in sorted(plan.activations.items()):
+        choice = activation_params(name, st.tensors[name], site.one_sided, cfg)
+        if choice is None:
+            report.float_tensors[name] = "no finite value observed"
+            warnings.warn(f"activation {name}: no finite value in calibration; left float")
+            continue
+        if choice.nonfinite:
+            warnings.warn(f"activation {name}: {choice.nonfinite} NaN/Inf values ignored in its range")
+        report.activations.append(choice)
+        act[name] = choice.params
+
+    weights = {}
+    graph = prepared.graph
+    nodes = {n.name: n for n in graph.nodes}
+    for node_name, site in plan.weights.items():
+        w = nodes[node_name].inputs[1].values
+        wq = weight_params(site.weight, w, site.axis, cfg.w_bits)
+        if wq is None:
+            report.float_nodes[node_name] = "weight holds NaN/Inf"
+            continue
+        weights[node_name] = wq
+        report.weights.append({"node": node_name, "weight": site.weight, "axis": site.axis,
+                               "channels": int(wq.scale.size), "scale_min": float(wq.scale.min()),
+                               "scale_max": float(wq.scale.max())})
+    # a quantized weight needs its input quantized too (and the reverse) for an integer kernel
+    for node_name in list(weights):
+        x = nodes[node_name].inputs[0]
+        if x.name not in act:
+            report.float_nodes[node_name] = "its input stays float"
+            del weights[node_name]
+
+    graph = insert_qdq(graph, plan, act, weights)
+    out = to_model(graph, prepared.source)
+    out.opset_import[0].version = max(out.opset_import[0].version, 13)
+    _stamp_metadata(out, report)
+    report.seconds = {"calibrate": round(t2 - t0, 3), "total": round(time.perf_counter() - t0, 3)}
+    try:
+        onnx.checker.check_model(out)
+    except onnx.checker.ValidationError as exc:
+        raise OnnxqError(f"internal error: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
+    return out, report
+
+
+def _stamp_metadata(model, report: QuantReport):
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update(preprocess_to_metadata(report.preprocess))
+    meta.update({
+        "onnxq.version": __version__,
+        "onnxq.method": report.config.method,
+        "onnxq.bits": f"W{report.config.w_bits}A{report.config.a_bits}",
+        "onnxq.symmetric_activations": json.dumps(report.config.symmetric),
+        "onnxq.target": report.target,
+        "onnxq.calibration_images": str(report.num_images),
+    })
+    del model.metadata_props[:]
+    for k in sorted(meta):
+        model.metadata_props.add(key=k, value=meta[k])
+
+
+def quantize(model, calib=None, **options) -> onnx.ModelProto:
+    return quantize_with_report(model, calib, **options)[0]
+
+
+def reusable_tensors(prepared: Prepared) -> list:
+    """Every tensor any target, method or keep-float choice could quantize: what `onnxq calibrate` observes."""
+    names = set()
+    for tgt in TARGETS.values():
+        plan = plan_quantization(prepared.graph, tgt, keep_first=False, keep_head=False)
+        names.update(plan.calibration_tensors())
+    return sorted(names)
+
+
+def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
+                  batch_size=None, workers=1, threads=None, progress=False, on_skip=None):
+    """Calibrate once for every later method, bit width and target. Returns (Stats, notes)."""
+    from .calibrate import calibrate
+    from .images import list_images
+
+    prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
+    pp, source = resolve_preprocess(prepared, preprocess)
+    paths = list_images(calib, num_images=num_images, seed=seed)
+    stats = calibrate(prepared.model, prepared.inputs, reusable_tensors(prepared), paths, pp, prepared.hash,
+                      batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=on_skip)
+    return stats, prepared.inputs.notes + [f"preprocessing {pp.describe()} ({source})"]

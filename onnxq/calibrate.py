@@ -1,0 +1,190 @@
+"""Calibration driver: run the float model over images, stream statistics.
+
+The tensors to observe become extra graph outputs of one onnxruntime session.
+Each batch's activations are folded into fixed-size histograms and dropped,
+so memory does not grow with the number of images. Images are decoded in
+background threads (onnxq.images.iter_batches) while the model runs, and the
+histogram update of batch k runs in a thread (Numba releases the GIL) while
+onnxruntime computes batch k+1. `workers > 1` shards the images across
+processes; the power-of-two histogram grid makes the merged statistics
+identical to one worker's.
+"""
+
+import math
+import multiprocessing as mp
+import os
+import queue
+import threading
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import OnnxqError
+from .images import iter_batches
+from .preprocess import Preprocess
+from .stats import Stats
+
+
+def _expose(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
+    """A copy of the model with `tensors` added as graph outputs."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    existing = {o.name for o in exposed.graph.output}
+    for name in tensors:
+        if name not in existing:
+            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return exposed
+
+
+def make_session(model: onnx.ModelProto, threads=None):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxqError(f"onnxruntime cannot run the model: {first}") from exc
+
+
+def _feed(inputs, batch):
+    feed = {inputs.image: batch}
+    for name, value in inputs.extras.items():
+        feed[name] = value
+    return feed
+
+
+def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, threads, stats, progress_cb, decode_threads):
+    session = make_session(_expose(model, tensors), threads)
+    pending = queue.Queue(maxsize=2)  # bounded: at most two batches of activations alive
+    failure = []
+
+    def fold():
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            try:
+                for name, value in zip(tensors, item):
+                    stats.observe(name, value)
+            except BaseException as exc:  # surfaced in the main thread
+                failure.append(exc)
+
+    worker = threading.Thread(target=fold, daemon=True)
+    worker.start()
+    skipped = []
+    try:
+        for batch in iter_batches(paths, inputs.hw, pp, batch_size=batch_size, threads=decode_threads,
+                                  on_skip=lambda p, why: skipped.append((p, why))):
+            try:
+                outs = session.run(tensors, _feed(inputs, batch.images))
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0]
+                raise OnnxqError(f"onnxruntime failed during calibration on {batch.paths[0]}: {first}") from exc
+            if failure:
+                raise failure[0]
+            pending.put(outs)
+            stats.num_images += len(batch.paths)
+            if progress_cb:
+                progress_cb(len(batch.paths))
+    finally:
+        pending.put(None)
+        worker.join()
+    if failure:
+        raise failure[0]
+    stats.skipped += len(skipped)
+    return skipped
+
+
+def _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, counter):
+    """Worker-process entry point: statistics of one shard of the images."""
+    model = onnx.load_from_string(model_bytes)
+    pp = Preprocess.from_dict(pp_dict)
+    stats = Stats(hash_, pp_dict, inputs.hw)
+
+    def tick(n):
+        with counter.get_lock():
+            counter.value += n
+
+    skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, tick, decode_threads=1)
+    return stats, skipped
+
+
+def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_size=None, workers=1,
+              threads=None, progress=True, on_skip=None) -> Stats:
+    """Statistics of `tensors` over the images at `paths`."""
+    from tqdm import tqdm
+
+    tensors = list(tensors)
+    if batch_size is None:
+        batch_size = 8 if inputs.dynamic_batch else 1
+    if not inputs.dynamic_batch:
+        batch_size = 1  # a static-batch model takes one image at a time
+    workers = max(1, min(int(workers), len(paths)))
+    bar = tqdm(total=len(paths), desc="calibrating", unit="img", disable=not progress, leave=False)
+    try:
+        if workers == 1:
+            stats = Stats(model_hash, pp.to_dict(), inputs.hw)
+            skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, bar.update,
+                                 decode_threads=2)
+        else:
+            stats, skipped = _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size,
+                                                 workers, threads, bar)
+    finally:
+        bar.close()
+    for path, why in skipped:
+        if on_skip:
+            on_skip(path, why)
+    if stats.num_images == 0:
+        raise OnnxqError(f"no readable image among the {len(paths)} given")
+    return stats
+
+
+def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size, workers, threads, bar):
+    cores = os.cpu_count() or 1
+    per_worker = threads or max(1, cores // workers)
+    size = math.ceil(len(paths) / workers)
+    shards = [paths[i * size:(i + 1) * size] for i in range(workers)]
+    shards = [s for s in shards if s]
+    ctx = mp.get_context("spawn")  # the parent holds onnxruntime threads: never fork them
+    counter = ctx.Value("q", 0)
+    model_bytes = model.SerializeToString()
+    results = []
+    with ProcessPoolExecutor(max_workers=len(shards), mp_context=ctx, initializer=_init_counter,
+                             initargs=(counter,)) as pool:
+        futures = [pool.submit(_shard_entry, model_bytes, inputs, tensors, shard, pp.to_dict(), batch_size,
+                               per_worker, model_hash) for shard in shards]
+        done = 0
+        while not all(f.done() for f in futures):
+            try:
+                futures[0].exception(timeout=0.2) if not futures[0].done() else None
+            except Exception:
+                pass
+            now = counter.value
+            bar.update(now - done)
+            done = now
+        for f in futures:
+            results.append(f.result())
+        bar.update(counter.value - done)
+    stats = results[0][0]
+    skipped = list(results[0][1])
+    for s, sk in results[1:]:
+        stats = stats.merge(s)
+        skipped.extend(sk)
+    return stats, skipped
+
+
+_COUNTER = None
+
+
+def _init_counter(counter):
+    global _COUNTER
+    _COUNTER = counter
+
+
+def _shard_entry(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_):
+    return _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, _COUNTER)

@@ -1,0 +1,110 @@
+"""onnxq compare fp32.onnx quant.onnx --calib DIR : per-tensor SQNR and cosine, worst first."""
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..api import prepare_model, resolve_preprocess
+from ..compare import compare_models, plot_tensor
+from ..errors import OnnxqError, UsageError
+from ..model import load_model, parse_input_values
+from ..preprocess import add_preprocess_arguments, imgsz_from_args, preprocess_from_args, preprocess_from_metadata
+from .common import add_model_input_arguments, add_verbose, print_table, quiet_warnings, write_json
+
+
+def register(sub):
+    p = sub.add_parser("compare", help="find the layers quantization hurts: SQNR and cosine per tensor")
+    p.add_argument("float_model")
+    p.add_argument("quant_model")
+    p.add_argument("--calib", metavar="DIR", required=True, help="images to run both models on")
+    p.add_argument("--num-images", type=int, default=4, metavar="N", help="images to compare on (default 4)")
+    p.add_argument("--top", type=int, default=15, metavar="K", help="rows of the worst tensors to print (default 15)")
+    p.add_argument("--plots", metavar="DIR", help="PNG histograms of the worst tensors with clip and grid (matplotlib)")
+    p.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    add_preprocess_arguments(p)
+    add_model_input_arguments(p)
+    add_verbose(p)
+    p.set_defaults(handler=run)
+
+
+def _fmt(x):
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.2f}"
+
+
+def run(args):
+    from ..images import iter_batches, list_images
+
+    quiet_warnings(args.verbose)
+    if args.num_images is not None and args.num_images <= 0:
+        raise UsageError(f"--num-images {args.num_images}: must be positive")
+    if args.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise OnnxqError("--plots needs matplotlib: pip install onnxq[plots]") from None
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+    prepared = prepare_model(args.float_model, imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input))
+    quant = load_model(args.quant_model, check=False)
+    explicit, source = preprocess_from_args(args, default=None)
+    if explicit is None:
+        stored = preprocess_from_metadata({p.key: p.value for p in quant.metadata_props})
+        pp, source = (stored, "quantized model's metadata") if stored is not None else resolve_preprocess(prepared, None)
+    else:
+        pp = explicit
+    paths = list_images(args.calib, num_images=args.num_images)
+    batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=1))
+    rows, _ = compare_models(prepared.model, quant, batches, prepared.inputs.image, prepared.inputs.extras)
+    acts = [r for r in rows if r.kind == "activation"]
+    if not acts:
+        raise OnnxqError(f"{args.quant_model}: no Q/DQ tensor matches a tensor of {args.float_model}")
+    print(f"onnxq compare: {len(acts)} quantized tensors, {len(paths)} images, preprocessing {pp.describe()} ({source})")
+    print_table([[r.tensor, _fmt(r.sqnr_db), f"{r.cosine:.5f}", _fmt(r.local_sqnr_db), f"{r.scale:.4g}", r.zero_point]
+                 for r in acts[: args.top]],
+                ["tensor (worst first)", "SQNR dB", "cosine", "own SQNR dB", "scale", "zero-point"])
+    print()
+    print_table([[r.tensor, _fmt(r.sqnr_db), f"{r.cosine:.5f}"] for r in rows if r.kind == "output"],
+                ["output", "SQNR dB", "cosine"])
+    if args.plots:
+        worst = [r.tensor for r in acts[: min(args.top, 8)]]
+        batches = (b.images for b in iter_batches(paths[:1], prepared.inputs.hw, pp, batch_size=1))
+        _, values = compare_models(prepared.model, quant, batches, prepared.inputs.image, prepared.inputs.extras,
+                                   keep_values_for=worst)
+        bits = {r.tensor: r for r in acts}
+        qrange = _grid_of(quant)
+        for i, t in enumerate(worst):
+            r = bits[t]
+            qmin, qmax = qrange.get(t, (0, 255) if r.zero_point else (-128, 127))
+            out = Path(args.plots) / f"{i:02d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', t)[-80:]}.png"
+            plot_tensor(out, t, values[t], r.scale, r.zero_point, qmin, qmax)
+        print(f"plots: {len(worst)} PNG files in {args.plots}")
+    if args.json:
+        write_json(args.json, [r.__dict__ for r in rows])
+    return 0
+
+
+def _grid_of(model):
+    """Integer grid per tensor: the Clip before Q narrows it below 8 bits; else the container's."""
+    import onnx
+
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    grids = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear":
+            zp = inits.get(n.input[2]) if len(n.input) > 2 else None
+            info = np.iinfo(zp.dtype) if zp is not None else np.iinfo(np.uint8)
+            grids[n.input[0]] = (int(info.min), int(info.max))
+    for n in model.graph.node:
+        if n.op_type == "Clip" and n.output[0] in grids:
+            src = n.input[0]
+            scale_zp = [(inits[q.input[1]], inits[q.input[2]]) for q in model.graph.node
+                        if q.op_type == "QuantizeLinear" and q.input[0] == n.output[0]]
+            if scale_zp and len(n.input) >= 3 and n.input[1] in inits and n.input[2] in inits:
+                s, z = float(scale_zp[0][0]), int(scale_zp[0][1])
+                grids[src] = (int(round(float(inits[n.input[1]]) / s)) + z, int(round(float(inits[n.input[2]]) / s)) + z)
+    return grids

@@ -1,0 +1,100 @@
+"""onnxq inspect in.onnx : what onnxq sees in a model and what it would quantize."""
+
+import collections
+import json
+
+import onnx
+
+from ..api import prepare_model, resolve_preprocess
+from ..model import opset_of, parse_input_values
+from ..passes.select import plan_quantization
+from ..preprocess import imgsz_from_args
+from ..targets import TARGETS, get_target
+from .common import add_model_input_arguments, add_verbose, print_table, write_json
+
+
+def register(sub):
+    p = sub.add_parser("inspect", help="show inputs, outputs, ops, the decode tail and what quantize would touch")
+    p.add_argument("model", help="ONNX model")
+    p.add_argument("--target", choices=sorted(TARGETS), default="ort")
+    p.add_argument("--imgsz", metavar="H[,W]", help="input size for models with dynamic height/width")
+    p.add_argument("--json", metavar="PATH", help="write the same as JSON")
+    p.add_argument("--all", action="store_true", help="list every tensor quantize would touch")
+    add_model_input_arguments(p)
+    add_verbose(p)
+    p.set_defaults(handler=run)
+
+
+def _shape(vi):
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
+
+
+def describe(model_path, target="ort", imgsz=None, input_values=None) -> dict:
+    prepared = prepare_model(model_path, imgsz=imgsz, input_values=input_values)
+    src = prepared.source
+    pp, pp_source = resolve_preprocess(prepared, None)
+    plan = plan_quantization(prepared.graph, get_target(target))
+    try:
+        from ..evaluate.families import detect_family_or_none
+        family = detect_family_or_none(prepared.model, prepared.inputs.hw)
+    except ImportError:
+        family = None
+    init = {i.name for i in src.graph.initializer}
+    tail_ops = collections.Counter(n.op for n in prepared.graph.nodes if n.name in plan.head.tail)
+    return {
+        "model": str(model_path),
+        "opset": opset_of(src),
+        "ir_version": src.ir_version,
+        "inputs": [{"name": i.name, "shape": _shape(i), "type": onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type)}
+                   for i in src.graph.input if i.name not in init],
+        "outputs": [{"name": o.name, "shape": _shape(o)} for o in src.graph.output],
+        "image_input": prepared.inputs.image,
+        "image_hw": list(prepared.inputs.hw),
+        "extra_inputs": {k: v.tolist() for k, v in prepared.inputs.extras.items()},
+        "op_counts": dict(collections.Counter(n.op_type for n in src.graph.node).most_common()),
+        "metadata": {p.key: p.value for p in src.metadata_props},
+        "family": family.name if family is not None else None,
+        "preprocess": pp.to_dict(),
+        "preprocess_description": pp.describe(),
+        "preprocess_source": pp_source,
+        "decode_tail": {"nodes": len(plan.head.tail), "ops": dict(tail_ops), "head_output_convs": plan.head.output_convs,
+                        "decode_compute_ops": plan.head.decode_computes},
+        "target": target,
+        "quantized_compute_ops": sorted(plan.weights),
+        "float_compute_ops": plan.float_nodes,
+        "quantized_activations": [{"tensor": s.tensor, "one_sided": s.one_sided, "role": s.role}
+                                  for s in sorted(plan.activations.values(), key=lambda s: s.tensor)],
+        "notes": prepared.inputs.notes,
+    }
+
+
+def run(args):
+    info = describe(args.model, args.target, imgsz_from_args(args), parse_input_values(args.input))
+    print(f"model      {info['model']}  (opset {info['opset']}, IR {info['ir_version']})")
+    for i in info["inputs"]:
+        print(f"input      {i['name']} {i['shape']} {i['type']}")
+    for o in info["outputs"]:
+        print(f"output     {o['name']} {o['shape']}")
+    print(f"family     {info['family'] or 'unknown'}")
+    print(f"preprocess {info['preprocess_description']}  ({info['preprocess_source']})")
+    ops = ", ".join(f"{k} {v}" for k, v in info["op_counts"].items())
+    print(f"ops        {ops}")
+    tail = info["decode_tail"]
+    print(f"decode tail (float): {tail['nodes']} nodes: " + ", ".join(f"{k} {v}" for k, v in tail["ops"].items()))
+    print(f"head output convs (float): {', '.join(tail['head_output_convs'])}")
+    if tail["decode_compute_ops"]:
+        print(f"decode compute ops (float): {', '.join(tail['decode_compute_ops'])}")
+    acts = info["quantized_activations"]
+    print(f"target {info['target']}: {len(info['quantized_compute_ops'])} compute ops quantized, "
+          f"{len(info['float_compute_ops'])} kept float, {len(acts)} activation tensors "
+          f"({sum(a['one_sided'] for a in acts)} one-sided)")
+    for name, why in info["float_compute_ops"].items():
+        print(f"  float: {name}: {why}")
+    if args.all:
+        print_table([[a["tensor"], a["role"], "yes" if a["one_sided"] else "no"] for a in acts],
+                    ["tensor", "role", "one-sided"])
+    for note in info["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        write_json(args.json, info)
+    return 0

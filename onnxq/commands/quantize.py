@@ -1,0 +1,117 @@
+"""onnxq quantize in.onnx out.onnx --calib images/ : the Q-YOLO pipeline."""
+
+import sys
+from pathlib import Path
+
+from ..api import parse_bits, quantize_with_report
+from ..errors import UsageError
+from ..fileio import check_writable
+from ..model import parse_input_values, save_model
+from ..preprocess import PRESETS, add_preprocess_arguments, imgsz_from_args, preprocess_from_args
+from ..ranges import METHODS
+from ..targets import TARGETS
+from .common import (add_calibration_arguments, add_model_input_arguments, add_verbose, positive, print_table,
+                     quiet_warnings, write_json)
+
+
+def register(sub):
+    p = sub.add_parser("quantize", help="quantize a float YOLO ONNX model into a QDQ model",
+                       description="Quantize a float YOLO ONNX model (Q-YOLO: per-channel MinMax weights, "
+                                   "Unilateral Histogram activations) into a QuantizeLinear/DequantizeLinear model.")
+    p.add_argument("model", help="float ONNX model")
+    p.add_argument("output", help="where to write the quantized model (written atomically)")
+    src = p.add_argument_group("calibration source (one of)")
+    src.add_argument("--calib", metavar="DIR", help="folder of calibration images (searched recursively)")
+    src.add_argument("--stats", metavar="FILE", help="statistics from `onnxq calibrate` (no images, no model run)")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--method", choices=METHODS, default="uh",
+                   help="activation ranges: uh (Q-YOLO, default), minmax, percentile, mse, entropy")
+    q.add_argument("--bits", metavar="WxAy", help="shorthand for --w-bits/--a-bits, e.g. W4A4")
+    q.add_argument("--w-bits", type=int, choices=(8, 6, 4), default=8)
+    q.add_argument("--a-bits", type=int, choices=(8, 6, 4), default=8)
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
+                     help="symmetric activations (int8, zero-point 0); forced by --target tensorrt")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric activations (uint8)")
+    q.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
+    q.add_argument("--target", choices=sorted(TARGETS), default="ort",
+                   help="Q/DQ placement for this runtime's integer kernels (default ort)")
+    q.add_argument("--quantize-first", action="store_true", help="also quantize the first conv (reads the image)")
+    q.add_argument("--quantize-head", action="store_true", help="also quantize the head's output convs")
+    q.add_argument("--exclude", action="append", default=[], metavar="NAME|REGEX",
+                   help="keep these nodes (or nodes writing these tensors) in float; repeatable")
+    q.add_argument("--report", metavar="FILE.json", help="write every quantized tensor's range, scale, zero-point, "
+                                                         "clip ratio and MSE")
+    add_preprocess_arguments(p)
+    add_model_input_arguments(p)
+    add_calibration_arguments(p)
+    add_verbose(p)
+    p.set_defaults(handler=run)
+
+
+def options_from_args(args):
+    """The keyword options of onnxq.quantize() that the CLI flags give."""
+    w_bits, a_bits = parse_bits(args.bits) if args.bits else (args.w_bits, args.a_bits)
+    explicit_pp, _ = preprocess_from_args(args, default=None)
+    return dict(method=args.method, w_bits=w_bits, a_bits=a_bits, symmetric=args.symmetric,
+                percentile=args.percentile, target=args.target, keep_first=not args.quantize_first,
+                keep_head=not args.quantize_head, exclude=args.exclude, preprocess=explicit_pp,
+                imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input),
+                num_images=positive("--num-images", args.num_images), seed=args.seed,
+                batch_size=positive("--batch", args.batch), workers=positive("--workers", args.workers),
+                threads=positive("--threads", args.threads), progress=not args.no_progress)
+
+
+def run(args):
+    quiet_warnings(args.verbose)
+    if bool(args.calib) == bool(args.stats):
+        raise UsageError("give exactly one of --calib DIR or --stats FILE")
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise UsageError(f"{args.output}: output path is the input model; choose another path")
+    check_writable(args.output)
+    if args.report:
+        check_writable(args.report)
+    options = options_from_args(args)
+    if args.stats and options["preprocess"] is None:
+        pass  # the statistics carry their preprocessing
+    skipped = []
+    model, report = quantize_with_report(args.model, args.calib, stats=args.stats,
+                                         on_skip=lambda p, why: skipped.append((p, why)), **options)
+    save_model(model, args.output)
+    if args.report:
+        write_json(args.report, report.to_json())
+    print_summary(report, args.output)
+    return 0
+
+
+def print_summary(report, output):
+    cfg = report.config
+    for path, why in report.skipped[:10]:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    if len(report.skipped) > 10:
+        print(f"skipped {len(report.skipped) - 10} more unreadable images", file=sys.stderr)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    by_method = {}
+    for c in report.activations:
+        by_method.setdefault(c.method, []).append(c)
+    rows = []
+    for method, choices in sorted(by_method.items()):
+        clipped = [c for c in choices if c.clip_ratio < 0.999]
+        rows.append([f"activations ({method})", len(choices), len(clipped),
+                     f"{min(c.clip_ratio for c in choices):.3f}", f"{max(c.mse for c in choices):.2e}"])
+    rows.append(["weights (minmax, per channel)", len(report.weights), "-", "-", "-"])
+    rows.append(["float compute ops", len(report.float_nodes), "-", "-", "-"])
+    rows.append(["decode-tail ops (float)", report.tail_nodes, "-", "-", "-"])
+    print(f"onnxq quantize: {report.model} -> {output}")
+    print(f"  target {report.target}, method {cfg.method}, W{cfg.w_bits}A{cfg.a_bits}, "
+          f"{'symmetric' if cfg.symmetric else 'asymmetric'} activations, "
+          f"{report.num_images} calibration images, preprocessing {report.preprocess.describe()} "
+          f"({report.preprocess_source})")
+    print_table(rows, ["what", "count", "clipped", "min clip ratio", "max MSE"])
+    reasons = {}
+    for why in report.float_nodes.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    for why, n in sorted(reasons.items()):
+        print(f"  float: {n} x {why}")
+    print(f"  done in {report.seconds.get('total', 0):.1f} s")

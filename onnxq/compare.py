@@ -1,0 +1,170 @@
+"""Where quantization hurts: float vs quantized intermediate values, tensor by tensor.
+
+A QDQ model written by onnxq names the dequantized copy of tensor T
+`T_dequantized`; other QDQ models are matched the same way through their
+DequantizeLinear nodes (the Q input's name). Both models run on the same
+prepared images with the compared tensors exposed as outputs.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .errors import OnnxqError
+
+
+@dataclass
+class TensorError:
+    tensor: str
+    kind: str  # "activation" or "output"
+    sqnr_db: float  # accumulated: float model vs quantized model at this point
+    cosine: float
+    local_sqnr_db: float | None  # this tensor's own rounding/clipping (quantized model, before vs after Q/DQ)
+    scale: float | None = None
+    zero_point: int | None = None
+
+
+def _qdq_pairs(model: onnx.ModelProto):
+    """float tensor name -> (dequantized tensor name, scale, zero_point) for per-tensor activation Q/DQ."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    q_by_output = {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    pairs = {}
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in q_by_output:
+            continue
+        q = q_by_output[n.input[0]]
+        src = q.input[0]
+        p = producers.get(src)
+        if p is not None and p.op_type == "Clip" and p.output[0] == src:
+            src = p.input[0]  # below 8 bits a Clip precedes Q
+        scale = inits.get(n.input[1])
+        zp = inits.get(n.input[2]) if len(n.input) > 2 else None
+        if scale is None or scale.size != 1:
+            continue
+        pairs[src] = (n.output[0], float(scale), int(zp) if zp is not None else 0)
+    return pairs
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    ref = ref.astype(np.float64).ravel()
+    noise = ref - test.astype(np.float64).ravel()
+    p_noise = float(np.dot(noise, noise))
+    p_sig = float(np.dot(ref, ref))
+    if p_noise == 0.0:
+        return float("inf")
+    if p_sig == 0.0:
+        return float("-inf")
+    return 10.0 * np.log10(p_sig / p_noise)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0.0 and nb == 0.0:
+        return 1.0
+    if na == 0.0 or nb == 0.0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+class _Accumulator:
+    """Streams sums so that SQNR/cosine over several images need no stored activations."""
+
+    def __init__(self):
+        self.sig = self.noise = self.dot = self.na = self.nb = 0.0
+
+    def add(self, ref, test):
+        r = ref.astype(np.float64).ravel()
+        t = test.astype(np.float64).ravel()
+        d = r - t
+        self.sig += float(np.dot(r, r))
+        self.noise += float(np.dot(d, d))
+        self.dot += float(np.dot(r, t))
+        self.na += float(np.dot(r, r))
+        self.nb += float(np.dot(t, t))
+
+    def sqnr(self):
+        if self.noise == 0.0:
+            return float("inf")
+        if self.sig == 0.0:
+            return float("-inf")
+        return 10.0 * np.log10(self.sig / self.noise)
+
+    def cosine(self):
+        if self.na == 0.0 and self.nb == 0.0:
+            return 1.0
+        if self.na == 0.0 or self.nb == 0.0:
+            return 0.0
+        return self.dot / np.sqrt(self.na * self.nb)
+
+
+def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches, image_input, extras=None,
+                   keep_values_for=()):
+    """Errors per quantized tensor and per output over `batches` (arrays N,3,H,W).
+
+    Returns (list[TensorError] sorted worst first, {tensor: float values of the first batch} for plotting).
+    """
+    from .calibrate import _expose, make_session
+
+    pairs = _qdq_pairs(quant_model)
+    float_names = {o.name for o in float_model.graph.output}
+    float_tensors = {vi.name for vi in float_model.graph.value_info} | {n for node in float_model.graph.node for n in node.output}
+    compared = sorted(t for t in pairs if t in float_tensors)
+    outputs = [o.name for o in float_model.graph.output]
+    q_outputs = [o.name for o in quant_model.graph.output]
+    if outputs != q_outputs:
+        raise OnnxqError(f"the models' outputs differ ({outputs} vs {q_outputs})")
+    f_sess = make_session(_expose(float_model, compared))
+    q_fetch = compared + [pairs[t][0] for t in compared]
+    q_sess = make_session(_expose(quant_model, q_fetch))
+    acc = {t: _Accumulator() for t in compared + outputs}
+    local = {t: _Accumulator() for t in compared}
+    kept = {}
+    for batch in batches:
+        feed = {image_input: batch, **(extras or {})}
+        f_vals = dict(zip(compared + outputs, f_sess.run(compared + outputs, feed)))
+        q_vals = dict(zip(q_fetch + outputs, q_sess.run(q_fetch + outputs, feed)))
+        for t in compared:
+            acc[t].add(f_vals[t], q_vals[pairs[t][0]])
+            local[t].add(q_vals[t], q_vals[pairs[t][0]])
+            if t in keep_values_for and t not in kept:
+                kept[t] = f_vals[t]
+        for o in outputs:
+            acc[o].add(f_vals[o], q_vals[o])
+    rows = [TensorError(t, "activation", acc[t].sqnr(), acc[t].cosine(), local[t].sqnr(), pairs[t][1], pairs[t][2])
+            for t in compared]
+    rows.sort(key=lambda r: r.sqnr_db)
+    rows += [TensorError(o, "output", acc[o].sqnr(), acc[o].cosine(), None) for o in outputs]
+    return rows, kept
+
+
+def plot_tensor(path, name, values, scale, zero_point, qmin, qmax):
+    """Histogram (log counts) with the float range, the clip and the quantization grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = values.astype(np.float64).ravel()
+    v = v[np.isfinite(v)]
+    lo_q, hi_q = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.hist(v, bins=256, log=True, color="#4c72b0")
+    ax.axvline(v.min(), color="gray", ls=":", label=f"float range [{v.min():.3g}, {v.max():.3g}]")
+    ax.axvline(v.max(), color="gray", ls=":")
+    ax.axvline(lo_q, color="#c44e52", label=f"clip [{lo_q:.3g}, {hi_q:.3g}]")
+    ax.axvline(hi_q, color="#c44e52")
+    levels = qmax - qmin + 1
+    if levels <= 64:  # a denser grid would paint the plot solid
+        for k in range(qmin, qmax + 1):
+            ax.axvline((k - zero_point) * scale, color="#55a868", lw=0.4, alpha=0.6)
+    ax.set_title(f"{name}\nscale {scale:.3g}, zero-point {zero_point}, {levels} levels")
+    ax.set_xlabel("value")
+    ax.set_ylabel("count (log)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

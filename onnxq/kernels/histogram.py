@@ -1,0 +1,245 @@
+"""Exact, mergeable histograms on a power-of-two grid anchored at 0.
+
+A grid is (e, offset): bin width w = 2**e and slot k covers
+[(offset+k)*w, (offset+k+1)*w). For a range [mn, mx] the canonical grid is
+the smallest e whose bins floor(mn/w)..floor(mx/w) fit in the slots, with
+offset = floor(mn/w). It depends on (mn, mx) only, and coarsening a grid
+maps every old slot wholly into one new slot, so the final histogram is the
+same whatever the batch order or the sharding (no resampling, no rounding).
+
+Bin indices are computed by multiplying by powers of two, which is exact
+in floating point, so counts agree with np.histogram on the same edges.
+Values with |x| >= FINITE_LIMIT (2**1000, float64 inputs only) are counted
+as non-finite so that every edge and index stays representable.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+HIST_SLOTS = 4096
+E_MIN = -1074  # width 2**-1074: the smallest subnormal double; grid for all-zero data
+FINITE_LIMIT = 2.0 ** 1000
+
+
+@numba.njit(cache=True, nogil=True)
+def batch_minmax(x):
+    """(min, max, n_finite, n_nonfinite) of a 1-D float array; NaN, +-Inf ignored."""
+    mn = np.inf
+    mx = -np.inf
+    nf = 0
+    nn = 0
+    for i in range(x.size):
+        v = np.float64(x[i])
+        if abs(v) < FINITE_LIMIT:  # False for NaN and Inf
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+            nf += 1
+        else:
+            nn += 1
+    return mn, mx, nf, nn
+
+
+@numba.njit(cache=True, nogil=True)
+def _scaled(v, e):
+    """v * 2**-e, exact unless it underflows (then only its sign matters to floor)."""
+    if e >= -1022:
+        q = v * math.ldexp(1.0, -e)
+    else:  # 2**-e is not a double: two exact steps (v is tiny whenever such an e is used)
+        q = (v * math.ldexp(1.0, 1000)) * math.ldexp(1.0, -e - 1000)
+    if q == 0.0 and v < 0.0:
+        q = -0.5  # a negative value that underflowed lies in bin -1
+    return q
+
+
+@numba.njit(cache=True, nogil=True)
+def _floor_index(v, e):
+    return np.int64(math.floor(_scaled(v, e)))
+
+
+@numba.njit(cache=True, nogil=True)
+def canonical_grid(mn, mx, slots):
+    """(e, offset) of the smallest power-of-two grid holding [mn, mx] in `slots` slots.
+
+    e is at least E_MIN and at least exponent(max|x|) - 53, so indices stay below
+    2**53 (exact in float64 and int64); mn == mx gives that finest grid. An empty
+    or invalid range (mn > mx, NaN, Inf) gives (0, 0).
+    """
+    if slots < 2:
+        raise ValueError("a histogram grid needs at least 2 slots")
+    if not (mn <= mx) or not (abs(mn) < FINITE_LIMIT) or not (abs(mx) < FINITE_LIMIT):
+        return np.int64(0), np.int64(0)
+    maxabs = max(abs(mn), abs(mx))
+    if maxabs == 0.0:
+        e = np.int64(E_MIN)
+    else:
+        _, ex = math.frexp(maxabs)  # maxabs < 2**ex
+        e = np.int64(max(ex - 53, E_MIN))
+    # growing e by one halves the span; ~45 steps at most from the floor above
+    for _ in range(200):
+        lo = _floor_index(mn, e)
+        hi = _floor_index(mx, e)
+        if hi - lo < slots:
+            return e, lo
+        e += 1
+    raise ValueError("canonical_grid did not converge")
+
+
+@numba.njit(cache=True, nogil=True)
+def regrid(hist, e, offset, new_e, new_offset, slots):
+    """Move counts from grid (e, offset) to the coarser grid (new_e >= e, new_offset)."""
+    if new_e < e:
+        raise ValueError("regrid can only coarsen a grid")
+    out = np.zeros(slots, dtype=np.int64)
+    d = new_e - e
+    for k in range(hist.size):
+        c = hist[k]
+        if c == 0:
+            continue
+        j = offset + k
+        if d >= 63:
+            j = np.int64(0) if j >= 0 else np.int64(-1)
+        else:
+            j = j >> d  # arithmetic shift: floor division by 2**d, negatives included
+        s = j - new_offset
+        if s < 0:
+            s = 0
+        elif s >= slots:
+            s = slots - 1
+        out[s] += c
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def accumulate(x, hist, e, offset):
+    """Add the finite values of x to hist (in place); values off the grid go to the edge slots."""
+    slots = hist.size
+    lo_f = np.float64(offset)
+    hi_f = np.float64(offset + slots)
+    for i in range(x.size):
+        v = np.float64(x[i])
+        if not abs(v) < FINITE_LIMIT:
+            continue
+        q = _scaled(v, e)
+        if q < lo_f:
+            k = 0
+        elif q >= hi_f:
+            k = slots - 1
+        else:
+            k = np.int64(math.floor(q)) - offset
+        hist[k] += 1
+
+
+def _as_batch(x):
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    return np.ascontiguousarray(x).reshape(-1)
+
+
+class GridHistogram:
+    """Per-tensor min, max, finite/non-finite counts and an exact histogram on the canonical grid."""
+
+    def __init__(self, slots=HIST_SLOTS):
+        if slots < 2:
+            raise ValueError("a histogram grid needs at least 2 slots")
+        self.slots = int(slots)
+        self.mn = math.inf
+        self.mx = -math.inf
+        self.n_finite = 0
+        self.n_nonfinite = 0
+        self.e = 0
+        self.offset = 0
+        self.hist = np.zeros(self.slots, dtype=np.int64)
+
+    def _move_to(self, mn, mx):
+        e, offset = canonical_grid(mn, mx, self.slots)
+        e, offset = int(e), int(offset)
+        if self.n_finite and (e, offset) != (self.e, self.offset):
+            self.hist = regrid(self.hist, self.e, self.offset, e, offset, self.slots)
+        self.mn, self.mx, self.e, self.offset = mn, mx, e, offset
+
+    def update(self, x):
+        x = _as_batch(x)
+        mn, mx, nf, nn = batch_minmax(x)
+        self.n_nonfinite += int(nn)
+        if nf == 0:
+            return
+        self._move_to(min(self.mn, float(mn)), max(self.mx, float(mx)))
+        accumulate(x, self.hist, self.e, self.offset)
+        self.n_finite += int(nf)
+
+    def copy(self):
+        h = GridHistogram(self.slots)
+        h.mn, h.mx, h.n_finite, h.n_nonfinite = self.mn, self.mx, self.n_finite, self.n_nonfinite
+        h.e, h.offset, h.hist = self.e, self.offset, self.hist.copy()
+        return h
+
+    def merge(self, other):
+        """A new histogram equal to one pass over both inputs."""
+        if other.slots != self.slots:
+            raise ValueError(f"cannot merge histograms of {self.slots} and {other.slots} slots")
+        if other.n_finite == 0 or self.n_finite == 0:
+            out = (other if self.n_finite == 0 else self).copy()
+            out.n_nonfinite = self.n_nonfinite + other.n_nonfinite
+            return out
+        out = self.copy()
+        out._move_to(min(self.mn, other.mn), max(self.mx, other.mx))
+        out.hist = out.hist + regrid(other.hist, other.e, other.offset, out.e, out.offset, self.slots)
+        out.n_finite += other.n_finite
+        out.n_nonfinite += other.n_nonfinite
+        return out
+
+    def _occupied(self):
+        if self.n_finite == 0:
+            return 0
+        return int(_floor_index(self.mx, self.e)) - self.offset + 1
+
+    def dense(self):
+        """(counts float64, lo_edge, width) over the occupied slots floor(mn/w)..floor(mx/w).
+
+        Bin i covers [lo_edge + i*width, lo_edge + (i+1)*width). Empty: (empty, 0.0, 1.0).
+        """
+        n = self._occupied()
+        if n == 0:
+            return np.zeros(0), 0.0, 1.0
+        return (self.hist[:n].astype(np.float64), math.ldexp(float(self.offset), self.e),
+                math.ldexp(1.0, self.e))
+
+    def to_arrays(self):
+        return {"minmax": np.array([self.mn, self.mx], dtype=np.float64),
+                "counts": np.array([self.n_finite, self.n_nonfinite, self.slots], dtype=np.int64),
+                "grid": np.array([self.e, self.offset], dtype=np.int64),
+                "hist": self.hist[:self._occupied()].copy()}
+
+    @classmethod
+    def from_arrays(cls, arrays):
+        """Inverse of to_arrays; raises ValueError on inconsistent data."""
+        try:
+            mn, mx = (float(v) for v in np.asarray(arrays["minmax"], dtype=np.float64).reshape(2))
+            nf, nn, slots = (int(v) for v in np.asarray(arrays["counts"]).reshape(3))
+            e, offset = (int(v) for v in np.asarray(arrays["grid"]).reshape(2))
+            occupied = np.asarray(arrays["hist"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"histogram arrays are incomplete or malformed ({exc})") from None
+        h = cls(slots)
+        if occupied.ndim != 1 or occupied.size > slots or occupied.dtype.kind not in "iu" or (occupied < 0).any():
+            raise ValueError("histogram counts are malformed")
+        if nf < 0 or nn < 0 or int(occupied.sum()) != nf:
+            raise ValueError("histogram counts do not add up to the number of finite values")
+        if nf:
+            ce, co = canonical_grid(mn, mx, slots)
+            if (int(ce), int(co)) != (e, offset):
+                raise ValueError("histogram grid does not match its min and max")
+        h.mn, h.mx, h.n_finite, h.n_nonfinite, h.e, h.offset = mn, mx, nf, nn, e, offset
+        h.hist[:occupied.size] = occupied
+        if nf and h._occupied() != occupied.size:
+            raise ValueError("histogram length does not match its min and max")
+        return h
+
+    def __repr__(self):
+        return (f"GridHistogram(mn={self.mn!r}, mx={self.mx!r}, n_finite={self.n_finite}, "
+                f"n_nonfinite={self.n_nonfinite}, e={self.e}, offset={self.offset})")

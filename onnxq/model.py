@@ -1,0 +1,209 @@
+"""Load and check an ONNX detector; find its image input; save atomically.
+
+Everything here raises OnnxqError with a one-line message naming the file, so
+that the CLI never shows a traceback for a bad model.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import OnnxqError, UsageError
+from .fileio import atomic_path
+
+# Domains onnxruntime's CPU provider implements; anything else is a custom op.
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+MIN_OPSET, MAX_OPSET = 11, 21
+# protobuf cannot serialise a message of 2 GB or more in one piece.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@dataclass
+class ModelInputs:
+    """What calibration and evaluation feed the model."""
+
+    image: str
+    hw: tuple
+    dynamic_batch: bool
+    extras: dict = field(default_factory=dict)  # name -> constant array fed beside the image
+    notes: list = field(default_factory=list)  # things the user should be told (defaults chosen)
+
+
+def load_model(path, check=True) -> onnx.ModelProto:
+    """Read an ONNX file (external data included) and check it; one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise OnnxqError(f"{path}: no such file")
+    if path.is_dir():
+        raise OnnxqError(f"{path}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise OnnxqError(f"{path}: empty file, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise OnnxqError(f"{path}: not an ONNX model or truncated ({type(exc).__name__})") from exc
+    except Exception as exc:  # protobuf raises a variety of errors on garbage
+        raise OnnxqError(f"{path}: cannot parse as ONNX ({type(exc).__name__}: {exc})") from exc
+    if not model.graph.node:
+        raise OnnxqError(f"{path}: not an ONNX model (no graph nodes)")
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (FileNotFoundError, OSError) as exc:
+        raise OnnxqError(f"{path}: external data missing: {exc}") from exc
+    if check:
+        check_model(model, path)
+    return model
+
+
+def opset_of(model) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def check_model(model, path="model"):
+    opset = opset_of(model)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise OnnxqError(f"{path}: opset {opset} is not supported (onnxq handles {MIN_OPSET} to {MAX_OPSET})")
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in KNOWN_DOMAINS})
+    if custom:
+        raise OnnxqError(f"{path}: unsupported custom op(s) {', '.join(custom[:3])}")
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger") for n in model.graph.node)
+    if qdq:
+        raise OnnxqError(
+            f"{path}: already quantized ({qdq} QuantizeLinear/DequantizeLinear/integer nodes); "
+            "give onnxq the float model"
+        )
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model)
+    except ValueError:
+        pass  # > 2 GB: protobuf cannot serialise it for the checker; checked after save instead
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise OnnxqError(f"{path}: invalid ONNX model: {first}") from exc
+
+
+def infer_shapes(model) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return model  # shapes help but are not required: ORT gives them during calibration
+
+
+def _dims(value_info):
+    t = value_info.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def graph_inputs(model):
+    init = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in init]
+
+
+def parse_input_values(items) -> dict:
+    """['scale=1,1', 'size=640'] -> {'scale': [1.0, 1.0], 'size': [640.0]}."""
+    values = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--input {item!r}: expected NAME=V1,V2,...")
+        try:
+            values[name] = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError as exc:
+            raise UsageError(f"--input {item!r}: values must be numbers") from exc
+    return values
+
+
+_ELEM = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def find_inputs(model, imgsz=None, input_values=None, path="model") -> ModelInputs:
+    """Pick the image input (N,3,H,W float) and constants for any other input."""
+    inputs = graph_inputs(model)
+    if not inputs:
+        raise OnnxqError(f"{path}: the model has no inputs")
+    images = []
+    for vi in inputs:
+        elem = vi.type.tensor_type.elem_type
+        dims = _dims(vi)
+        if elem == onnx.TensorProto.FLOAT and dims is not None and len(dims) == 4 and dims[1] == 3:
+            images.append(vi)
+    if not images:
+        int_images = [vi.name for vi in inputs if (_dims(vi) or [None, None])[1:2] == [3] and len(_dims(vi)) == 4]
+        if int_images:
+            kind = onnx.TensorProto.DataType.Name(next(vi for vi in inputs if vi.name == int_images[0]).type.tensor_type.elem_type)
+            raise OnnxqError(f"{path}: image input {int_images[0]} is {kind}; onnxq needs a float N,3,H,W input (export without the uint8 pre-processing)")
+        described = ", ".join(f"{vi.name}{_dims(vi)}:{onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)}" for vi in inputs)
+        raise OnnxqError(f"{path}: no image-like input (float N,3,H,W); inputs are {described}")
+    image = images[0]
+    dims = _dims(image)
+    h, w = dims[2], dims[3]
+    notes = []
+    if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        if imgsz is None:
+            raise UsageError(f"{path}: input {image.name} has dynamic height/width {dims[2:]}; pass --imgsz H[,W]")
+        h, w = imgsz
+    elif imgsz is not None and tuple(imgsz) != (h, w):
+        raise UsageError(f"{path}: --imgsz {imgsz[0]},{imgsz[1]} differs from the model's fixed input {h}x{w}")
+    dynamic_batch = not isinstance(dims[0], int) or dims[0] <= 0
+    input_values = dict(input_values or {})
+    extras = {}
+    for vi in inputs:
+        if vi.name == image.name:
+            continue
+        elem = vi.type.tensor_type.elem_type
+        if elem not in _ELEM:
+            raise OnnxqError(f"{path}: input {vi.name} has unsupported type {onnx.TensorProto.DataType.Name(elem)}")
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in (_dims(vi) or [])]
+        if vi.name in input_values:
+            flat = np.asarray(input_values.pop(vi.name), dtype=_ELEM[elem])
+            size = int(np.prod(shape)) if shape else 1
+            if flat.size == 1:
+                flat = np.full(size, flat.item(), dtype=_ELEM[elem])
+            if flat.size != size:
+                raise UsageError(f"--input {vi.name}: {flat.size} values given, the input holds {size} ({shape})")
+            extras[vi.name] = flat.reshape(shape)
+        else:
+            extras[vi.name] = np.ones(shape, dtype=_ELEM[elem])
+            notes.append(f"input {vi.name}{shape} is fed ones (set it with --input {vi.name}=V1,V2,...)")
+    if len(images) > 1:
+        notes.append(f"several image-like inputs; calibrating through {image.name}")
+    if input_values:
+        raise UsageError(f"--input {', '.join(input_values)}: no such model input")
+    return ModelInputs(image=image.name, hw=(int(h), int(w)), dynamic_batch=dynamic_batch, extras=extras, notes=notes)
+
+
+def save_model(model: onnx.ModelProto, path):
+    """Write atomically; models over 2 GB keep their weights in one external data file."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+            data_name = path.name + ".data"
+            with atomic_path(path.parent / data_name) as tmp_data:
+                onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=tmp_data.name, size_threshold=1024)
+                # the .onnx refers to the data file by name; point it at the final name
+                saved = onnx.load(str(tmp), load_external_data=False)
+                for t in saved.graph.initializer:
+                    for e in t.external_data:
+                        if e.key == "location":
+                            e.value = data_name
+                onnx.save_model(saved, str(tmp))
+        else:
+            onnx.save_model(model, str(tmp))
+    return path

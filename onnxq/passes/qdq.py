@@ -1,0 +1,108 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs and store weights quantized.
+
+One Q/DQ pair per tensor, however many consumers read it; only the consumers
+named in the plan read the dequantized value (a float head conv that shares
+the tensor keeps reading the float one). Weights become int8 initializers
+behind a per-channel DequantizeLinear; a bias becomes int32 with scale
+input_scale * weight_scale, as integer Conv kernels expect.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+
+@dataclass
+class QParams:
+    """Quantization parameters of one activation tensor (per tensor)."""
+
+    scale: float
+    zero_point: int
+    dtype: type  # np.uint8 or np.int8 (the container)
+    qmin: int  # the integer grid actually used (narrower than the container below 8 bits)
+    qmax: int
+
+
+@dataclass
+class WeightQuant:
+    q: np.ndarray  # int8, same shape as the float weight
+    scale: np.ndarray  # float32 per output channel
+
+
+def _scalar(name, value, dtype):
+    return gs.Constant(name, np.array(value, dtype=dtype))
+
+
+def _needs_clip(p: QParams) -> bool:
+    info = np.iinfo(p.dtype)
+    return p.qmin > info.min or p.qmax < info.max
+
+
+def insert_qdq(graph: gs.Graph, plan, act_params: dict, weight_params: dict) -> gs.Graph:
+    """act_params: tensor -> QParams; weight_params: node name -> WeightQuant."""
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    uses = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t is not None and t.name:
+                uses.setdefault(t.name, []).append(node)
+
+    dq_of = {}
+    for name, site in plan.activations.items():
+        p = act_params.get(name)
+        if p is None:
+            continue  # left float (no finite statistics): reported by the caller
+        t = tensors[name]
+        scale = _scalar(f"{name}_scale", p.scale, np.float32)
+        zp = _scalar(f"{name}_zero_point", p.zero_point, p.dtype)
+        q_in = t
+        if _needs_clip(p):
+            # below 8 bits: clip onto the b-bit grid first so the model computes b-bit values
+            lo = np.float32((p.qmin - p.zero_point) * p.scale)
+            hi = np.float32((p.qmax - p.zero_point) * p.scale)
+            q_in = gs.Variable(f"{name}_clipped", dtype=np.float32, shape=t.shape)
+            graph.nodes.append(gs.Node("Clip", f"{name}_Clip", inputs=[t, _scalar(f"{name}_clip_lo", lo, np.float32),
+                                                                      _scalar(f"{name}_clip_hi", hi, np.float32)], outputs=[q_in]))
+        q_out = gs.Variable(f"{name}_quantized", dtype=p.dtype, shape=t.shape)
+        dq_out = gs.Variable(f"{name}_dequantized", dtype=np.float32, shape=t.shape)
+        graph.nodes.append(gs.Node("QuantizeLinear", f"{name}_QuantizeLinear", inputs=[q_in, scale, zp], outputs=[q_out]))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_DequantizeLinear", inputs=[q_out, scale, zp], outputs=[dq_out]))
+        dq_of[name] = (dq_out, p)
+        readers = uses.get(name, []) if site.consumers is None else [nodes[c] for c in site.consumers]
+        for reader in readers:
+            for i, x in enumerate(reader.inputs):
+                if x is not None and x.name == name:
+                    reader.inputs[i] = dq_out
+
+    for node_name, site in plan.weights.items():
+        wq = weight_params.get(node_name)
+        node = nodes[node_name]
+        if wq is None:
+            continue
+        w = node.inputs[1]
+        axis = site.axis
+        q = gs.Constant(f"{w.name}_quantized", wq.q.astype(np.int8))
+        scale = gs.Constant(f"{w.name}_scale", wq.scale.astype(np.float32))
+        zp = gs.Constant(f"{w.name}_zero_point", np.zeros(wq.scale.shape, dtype=np.int8))
+        w_dq = gs.Variable(f"{w.name}_dequantized", dtype=np.float32, shape=list(w.shape))
+        graph.nodes.append(gs.Node("DequantizeLinear", f"{w.name}_DequantizeLinear", inputs=[q, scale, zp],
+                                   outputs=[w_dq], attrs={"axis": axis}))
+        node.inputs[1] = w_dq
+        x = node.inputs[0]
+        if site.bias is not None and x.name.endswith("_dequantized") and x.name[: -len("_dequantized")] in dq_of:
+            x_scale = dq_of[x.name[: -len("_dequantized")]][1].scale
+            b = node.inputs[2]
+            b_scale = (np.float32(x_scale) * wq.scale.astype(np.float32)).astype(np.float32)
+            # the int32 bias must represent the float bias; a zero scale (zero channel) keeps 0
+            safe = np.where(b_scale > 0, b_scale, np.float32(1.0))
+            b_q = np.clip(np.round(b.values.astype(np.float64) / safe), -(2**31), 2**31 - 1).astype(np.int32)
+            b_dq = gs.Variable(f"{b.name}_dequantized", dtype=np.float32, shape=list(b.shape))
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{b.name}_DequantizeLinear",
+                                       inputs=[gs.Constant(f"{b.name}_quantized", b_q), gs.Constant(f"{b.name}_scale", safe),
+                                               gs.Constant(f"{b.name}_zero_point", np.zeros(b_q.shape, np.int32))],
+                                       outputs=[b_dq], attrs={"axis": 0}))
+            node.inputs[2] = b_dq
+    graph.cleanup().toposort()
+    return graph

@@ -1,0 +1,232 @@
+"""Choose what to quantize: which compute ops, which activation tensors, by the target's rules.
+
+The plan is data (tensor names, consumer node names, why a node stays float);
+the QDQ pass applies it and calibration observes exactly its tensors.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from ..errors import UsageError
+from .graph import COMPUTE_OPS, LAYOUT_OPS, consumers, producer, weight_of
+from .head import Head, find_head
+
+# Activations after which a tensor is one-sided (bounded below near zero): Q-YOLO's UH applies there.
+_ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Elu", "Selu",
+                "Softplus", "Mish", "Gelu")
+# Values pass through these unchanged in kind (max of one-sided values is one-sided, and so on).
+_PASS_THROUGH = LAYOUT_OPS + ("AveragePool", "GlobalAveragePool", "GlobalMaxPool")
+
+
+@dataclass
+class ActivationSite:
+    tensor: str
+    consumers: list | None  # node names that read the dequantized tensor; None = every consumer
+    one_sided: bool  # produced by an activation (SiLU, ReLU, ...): UH's one-sided search applies
+    role: str = "input"  # "input" of a quantized op, "output" of one (ORT's QLinearConv), or "elementwise"
+    share: str | None = None  # takes this tensor's parameters (ops the runtime runs in int8 only on equal scales)
+
+
+@dataclass
+class WeightSite:
+    node: str
+    weight: str
+    axis: int  # output-channel axis of the weight
+    bias: str | None = None  # a Constant bias, stored as int32 when the input is quantized
+
+
+@dataclass
+class QuantPlan:
+    activations: dict = field(default_factory=dict)  # tensor name -> ActivationSite
+    weights: dict = field(default_factory=dict)  # node name -> WeightSite
+    float_nodes: dict = field(default_factory=dict)  # compute node name -> why it stays float
+    head: Head = field(default_factory=Head)
+
+    def calibration_tensors(self):
+        return sorted(self.activations)
+
+
+def _is_silu_mul(node) -> bool:
+    """Mul(x, Sigmoid(x)) as exporters write SiLU/Swish."""
+    if node.op != "Mul" or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    for x, s in ((a, b), (b, a)):
+        p = producer(s)
+        if p is not None and p.op == "Sigmoid" and p.inputs[0] is x:
+            return True
+    return False
+
+
+def is_one_sided(tensor, _seen=None) -> bool:
+    """True if the tensor is an activation's output, through layout ops and residual adds."""
+    _seen = _seen if _seen is not None else set()
+    if tensor.name in _seen:
+        return True
+    _seen.add(tensor.name)
+    p = producer(tensor)
+    if p is None:
+        return False
+    if p.op in _ACTIVATIONS or _is_silu_mul(p):
+        return True
+    if p.op in _PASS_THROUGH:
+        values = [t for t in p.inputs[:1] if t is not None] if p.op not in ("Concat",) else list(p.inputs)
+        values = [t for t in values if not isinstance(t, gs.Constant)]
+        return bool(values) and all(is_one_sided(t, _seen) for t in values)
+    if p.op == "Add":
+        values = [t for t in p.inputs if not isinstance(t, gs.Constant)]
+        return len(values) == 2 and all(is_one_sided(t, _seen) for t in values)
+    return False
+
+
+def _weight_axis(node) -> int:
+    if node.op == "ConvTranspose":
+        return 1
+    if node.op == "Gemm":
+        return 0 if node.attrs.get("transB", 0) else 1
+    if node.op == "MatMul":
+        return len(node.inputs[1].shape) - 1
+    return 0
+
+
+def _reaches_from_input(tensor, graph_inputs) -> bool:
+    """The first layer reads the image directly (or through layout ops only)."""
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t.name in graph_inputs:
+            return True
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        p = producer(t)
+        if p is not None and (p.op in LAYOUT_OPS or p.op in ("Cast", "Div", "Sub", "Mul", "Add")):
+            stack.extend(x for x in p.inputs if isinstance(x, gs.Variable))
+    return False
+
+
+def _compile_excludes(patterns):
+    compiled = []
+    for pat in patterns or ():
+        try:
+            compiled.append((pat, re.compile(pat)))
+        except re.error as exc:
+            raise UsageError(f"--exclude {pat!r}: not a valid name or regular expression ({exc})") from exc
+    return compiled
+
+
+def _excluded(node, compiled) -> str | None:
+    names = [node.name] + [t.name for t in node.outputs]
+    for pat, rx in compiled:
+        if any(n == pat or rx.fullmatch(n) for n in names):
+            return pat
+    return None
+
+
+def plan_quantization(graph: gs.Graph, target, keep_first=True, keep_head=True, exclude=()) -> QuantPlan:
+    head = find_head(graph)
+    plan = QuantPlan(head=head)
+    uses = consumers(graph)
+    graph_inputs = {t.name for t in graph.inputs}
+    graph_outputs = {t.name for t in graph.outputs}
+    excludes = _compile_excludes(exclude)
+    matched = set()
+    head_outputs = set(head.output_convs)
+
+    quantized = []
+    for node in graph.nodes:
+        if node.op not in COMPUTE_OPS or node.name in head.tail:
+            continue
+        pat = _excluded(node, excludes)
+        if pat is not None:
+            plan.float_nodes[node.name] = f"--exclude {pat}"
+            matched.add(pat)
+            continue
+        if weight_of(node) is None:
+            plan.float_nodes[node.name] = "weight is computed, not a constant"
+            continue
+        if keep_head and node.name in head_outputs:
+            plan.float_nodes[node.name] = "head output conv (kept float, Q-YOLO)"
+            continue
+        if keep_first and _reaches_from_input(node.inputs[0], graph_inputs):
+            plan.float_nodes[node.name] = "first layer, reads the image (kept float, Q-YOLO)"
+            continue
+        quantized.append(node)
+
+    unmatched = [p for p, _ in excludes if p not in matched]
+    if unmatched:
+        raise UsageError(f"--exclude {unmatched[0]!r} matches no Conv/MatMul/Gemm node or output tensor")
+
+    def add_site(tensor, consumer_name, role):
+        if isinstance(tensor, gs.Constant) or tensor.name in graph_outputs:
+            return
+        site = plan.activations.get(tensor.name)
+        if site is None:
+            plan.activations[tensor.name] = ActivationSite(
+                tensor.name, [consumer_name] if consumer_name else None, is_one_sided(tensor), role)
+        elif consumer_name is None:
+            site.consumers = None
+        elif site.consumers is not None and consumer_name not in site.consumers:
+            site.consumers.append(consumer_name)
+
+    for node in quantized:
+        w = weight_of(node)
+        bias = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
+        if node.op == "Gemm" and bias is not None and bias.values.ndim != 1:
+            bias = None  # a broadcast matrix C, not a per-channel bias
+        plan.weights[node.name] = WeightSite(node.name, w.name, _weight_axis(node), bias.name if bias is not None else None)
+        add_site(node.inputs[0], node.name, "input")
+
+    if target.quantize_conv_outputs:
+        for node in quantized:
+            out = node.outputs[0]
+            readers = uses.get(out.name, [])
+            # Conv -> Relu -> Q fuses into one QLinearConv (the Relu folds into the output range)
+            if len(readers) == 1 and readers[0].op in ("Relu", "Clip") and readers[0].name not in head.tail:
+                out = readers[0].outputs[0]
+            add_site(out, None, "output")
+
+    if target.int8_elementwise:
+        _propagate_int8(graph, plan, target, add_site, uses, graph_outputs)
+
+    if target.quantize_add_inputs:
+        for node in graph.nodes:
+            if node.op != "Add" or node.name in head.tail:
+                continue
+            values = [t for t in node.inputs if isinstance(t, gs.Variable)]
+            # a residual Add joins two feature maps; a bias Add (one constant) is not one
+            if len(values) == 2 and all(v.shape is not None and len(v.shape) == 4 for v in values):
+                for v in values:
+                    add_site(v, node.name, "input")
+    return plan
+
+
+# Ops that only select or move values: their output takes the input's parameters, so the runtime drops
+# the DQ -> op -> Q around them instead of computing them in float.
+_SAME_SCALE_OPS = ("MaxPool", "Resize", "Reshape", "Transpose", "Slice", "Split", "Gather", "Squeeze", "Unsqueeze",
+                   "Flatten")
+
+
+def _propagate_int8(graph, plan, target, add_site, uses, graph_outputs):
+    """Quantize the outputs of elementwise ops whose inputs are all quantized, in graph order.
+
+    onnxruntime then runs them as QLinearSigmoid/QLinearMul/QLinearAdd/QLinearConcat (or drops the
+    Q/DQ around MaxPool/Resize) and keeps int8 between Convs instead of float islands.
+    """
+    for node in graph.nodes:
+        if node.op not in target.int8_elementwise or node.name in plan.head.tail:
+            continue
+        values = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        if not values or not all(v.name in plan.activations for v in values):
+            continue
+        outs = [o for o in node.outputs if o.name not in graph_outputs]
+        if len(outs) != len(node.outputs):
+            continue
+        for v in values:
+            add_site(v, node.name, "input")
+        for o in outs:
+            add_site(o, None, "elementwise")
+            if node.op in _SAME_SCALE_OPS:
+                plan.activations[o.name].share = values[0].name

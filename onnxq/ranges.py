@@ -1,0 +1,113 @@
+"""Stats + method + bits -> quantization parameters, per tensor and per weight channel.
+
+Activations (Q-YOLO): `uh` searches the upper clip of one-sided tensors
+(post-activation, lower bound = observed minimum); tensors that are not
+one-sided (a Conv's pre-activation output, which onnxruntime's QLinearConv
+needs quantized) get the two-sided MSE search instead, since a one-sided
+search there would keep the whole negative tail. The other methods apply to
+every tensor as named. Weights: symmetric MinMax per output channel.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .kernels import search
+from .passes.qdq import QParams, WeightQuant
+
+METHODS = ("uh", "minmax", "percentile", "mse", "entropy")
+BITS = (8, 6, 4)
+
+
+@dataclass(frozen=True)
+class RangeConfig:
+    method: str = "uh"
+    a_bits: int = 8
+    w_bits: int = 8
+    symmetric: bool = False
+    percentile: float = 99.99
+
+
+@dataclass
+class RangeChoice:
+    tensor: str
+    method: str  # the search actually used for this tensor
+    observed: tuple  # (min, max) of finite values
+    clip: tuple  # (lo, hi) chosen before widening to include zero
+    params: QParams
+    clip_ratio: float  # chosen width / observed width
+    clipped_fraction: float  # share of observed values outside the representable range
+    mse: float  # expected quantization MSE (histogram estimate)
+    one_sided: bool
+    nonfinite: int = 0
+
+
+def _search(method, counts, lo_edge, width, mn, mx, one_sided, cfg):
+    bits, sym = cfg.a_bits, cfg.symmetric
+    if method == "uh":
+        if one_sided:
+            lo, hi, _ = search.uh_range(counts, lo_edge, width, mn, mx, bits, sym)
+            return "uh", lo, hi
+        lo, hi, _ = search.mse_range(counts, lo_edge, width, mn, mx, bits, sym)
+        return "mse", lo, hi
+    if method == "minmax":
+        lo, hi = search.minmax_range(mn, mx)
+        return method, lo, hi
+    if method == "percentile":
+        lo, hi = search.percentile_range(counts, lo_edge, width, mn, mx, cfg.percentile, sym)
+        return method, lo, hi
+    if method == "mse":
+        lo, hi, _ = search.mse_range(counts, lo_edge, width, mn, mx, bits, sym)
+        return method, lo, hi
+    if method == "entropy":
+        lo, hi = search.entropy_range(counts, lo_edge, width, mn, mx, bits, sym)
+        return method, lo, hi
+    raise ValueError(method)
+
+
+def _clipped_fraction(counts, lo_edge, width, lo_q, hi_q):
+    centres = lo_edge + (np.arange(counts.size) + 0.5) * width
+    total = counts.sum()
+    outside = counts[(centres < lo_q) | (centres > hi_q)].sum()
+    return float(outside / total) if total else 0.0
+
+
+def activation_params(name, hist, one_sided, cfg: RangeConfig) -> RangeChoice | None:
+    """Parameters for one activation tensor; None if it has no finite value (it stays float)."""
+    if hist.n_finite == 0:
+        return None
+    mn, mx = float(hist.mn), float(hist.mx)
+    counts, lo_edge, width = hist.dense()
+    used, lo, hi = _search(cfg.method, counts, lo_edge, width, mn, mx, one_sided, cfg)
+    scale, zp, qmin, qmax = search.qparams(lo, hi, cfg.a_bits, cfg.symmetric)
+    scale = float(np.float32(scale))
+    dtype = np.int8 if cfg.symmetric else np.uint8
+    params = QParams(scale=scale, zero_point=int(zp), dtype=dtype, qmin=int(qmin), qmax=int(qmax))
+    lo_q, hi_q = (qmin - zp) * scale, (qmax - zp) * scale
+    mse = float(search.quant_mse(counts, lo_edge, width, scale, zp, qmin, qmax))
+    observed_width = mx - mn
+    ratio = (hi_q - lo_q) / observed_width if observed_width > 0 else 1.0
+    return RangeChoice(name, used, (mn, mx), (float(lo), float(hi)), params, float(ratio),
+                       _clipped_fraction(counts, lo_edge, width, lo_q, hi_q), mse, one_sided, int(hist.n_nonfinite))
+
+
+def weight_params(name, w: np.ndarray, axis: int, bits: int) -> WeightQuant | None:
+    """Symmetric per-channel MinMax; None (stay float) if the weight holds NaN or Inf."""
+    if not np.all(np.isfinite(w)):
+        warnings.warn(f"weight {name} holds NaN or Inf; its layer stays float")
+        return None
+    qmax = 2 ** (bits - 1) - 1
+    absmax = np.asarray(search.per_channel_absmax(np.ascontiguousarray(w, dtype=np.float32), axis), dtype=np.float64)
+    scale = absmax / qmax
+    zero = scale <= 0
+    if zero.any():
+        # any scale represents an all-zero channel; a typical one keeps the int32 bias scale sane
+        fill = float(np.median(scale[~zero])) if (~zero).any() else 1.0
+        scale = np.where(zero, fill, scale)
+        warnings.warn(f"weight {name}: {int(zero.sum())} all-zero output channel(s); scale set to {fill:.3g}")
+    scale = scale.astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape).astype(np.float64)), -qmax, qmax).astype(np.int8)
+    return WeightQuant(q=q, scale=scale)

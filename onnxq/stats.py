@@ -1,0 +1,99 @@
+"""Calibration statistics: the only thing calibration hands on.
+
+Per tensor: min, max, counts of finite/non-finite values and an exact
+power-of-two-grid histogram (onnxq.kernels.histogram.GridHistogram). Stats
+merge exactly (shards, workers) and save to .npz with the model's hash and
+the preprocessing used, so that `quantize --stats` needs no images and no
+model run, and refuses statistics made for another model or pipeline.
+"""
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import OnnxqError
+from .fileio import write_bytes_atomic
+from .kernels.histogram import GridHistogram
+
+FORMAT_VERSION = 1
+
+
+def model_hash(model: onnx.ModelProto) -> str:
+    """Hash of the float graph as loaded (weights included), independent of the file's path."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+@dataclass
+class Stats:
+    model_hash: str
+    preprocess: dict
+    image_hw: tuple
+    num_images: int = 0
+    tensors: dict = field(default_factory=dict)  # tensor name -> GridHistogram
+    skipped: int = 0  # unreadable images
+
+    def observe(self, name, values: np.ndarray):
+        hist = self.tensors.get(name)
+        if hist is None:
+            hist = self.tensors[name] = GridHistogram()
+        hist.update(np.ascontiguousarray(values).reshape(-1))
+
+    def merge(self, other: "Stats") -> "Stats":
+        if other.model_hash != self.model_hash or other.preprocess != self.preprocess:
+            raise OnnxqError("cannot merge statistics of different models or preprocessing")
+        names = sorted(set(self.tensors) | set(other.tensors))
+        merged = {}
+        for n in names:
+            a, b = self.tensors.get(n), other.tensors.get(n)
+            merged[n] = a.merge(b) if a is not None and b is not None else (a or b)
+        return Stats(self.model_hash, self.preprocess, self.image_hw, self.num_images + other.num_images,
+                     merged, self.skipped + other.skipped)
+
+    def save(self, path):
+        arrays = {}
+        names = sorted(self.tensors)
+        for i, n in enumerate(names):
+            for key, value in self.tensors[n].to_arrays().items():
+                arrays[f"t{i}_{key}"] = value
+        header = {"format": FORMAT_VERSION, "model_hash": self.model_hash, "preprocess": self.preprocess,
+                  "image_hw": list(self.image_hw), "num_images": self.num_images, "skipped": self.skipped,
+                  "tensors": names}
+        arrays["header"] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        write_bytes_atomic(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path) -> "Stats":
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(bytes(data["header"]).decode())
+                if header.get("format") != FORMAT_VERSION:
+                    raise OnnxqError(f"{path}: statistics format {header.get('format')} is not {FORMAT_VERSION}")
+                tensors = {}
+                for i, n in enumerate(header["tensors"]):
+                    prefix = f"t{i}_"
+                    tensors[n] = GridHistogram.from_arrays(
+                        {k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)})
+        except OnnxqError:
+            raise
+        except FileNotFoundError:
+            raise OnnxqError(f"{path}: no such statistics file") from None
+        except Exception as exc:
+            raise OnnxqError(f"{path}: not an onnxq statistics file ({type(exc).__name__})") from exc
+        return cls(header["model_hash"], header["preprocess"], tuple(header["image_hw"]), header["num_images"],
+                   tensors, header.get("skipped", 0))
+
+    def check_matches(self, model_hash_: str, preprocess: dict | None, path="stats"):
+        if self.model_hash != model_hash_:
+            raise OnnxqError(f"{path}: statistics were collected on another model (hash {self.model_hash[:12]}, "
+                             f"this model {model_hash_[:12]})")
+        if preprocess is not None and preprocess != self.preprocess:
+            raise OnnxqError(f"{path}: statistics were collected with other preprocessing ({self.preprocess}); "
+                             "drop the preprocessing flags or recalibrate")
