@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from . import __version__
 from .errors import OnnxqError, UsageError
@@ -141,8 +142,13 @@ def resolve_preprocess(prepared: Prepared, explicit: Preprocess | None, explicit
 def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8, a_bits=8, symmetric=None,
                          percentile=99.99, target="ort", keep_first=True, keep_head=True, exclude=(),
                          preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
-                         batch_size=None, workers=1, threads=None, progress=False, on_skip=None):
-    """Quantize a float ONNX detector. Returns (onnx.ModelProto, QuantReport)."""
+                         batch_size=None, workers=1, threads=None, progress=False, on_skip=None,
+                         bias_correction=32):
+    """Quantize a float ONNX detector. Returns (onnx.ModelProto, QuantReport).
+
+    bias_correction: number of calibration images used to fold each quantized Conv's mean output
+    shift into its bias (0 disables it). It needs images, so with `stats` alone it is skipped.
+    """
     t0 = time.perf_counter()
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -194,7 +200,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
         t1 = time.perf_counter()
         st = calibrate(prepared.model, prepared.inputs, plan.calibration_tensors(), paths, pp, prepared.hash,
-                       batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=skip)
+                       batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=skip,
+                       channel_tensors=depthwise_inputs(prepared.graph).values())
         notes_time = time.perf_counter() - t1
     t2 = time.perf_counter()
 
@@ -212,6 +219,11 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         report.activations.append(choice)
         act[name] = choice.params
 
+    _keep_starved_depthwise_float(prepared.graph, plan, act, st, report)
+    # ops that only move values run in int8 only if their output keeps the input's parameters
+    for name, site in plan.activations.items():
+        if site.share is not None and site.share in act and name in act:
+            act[name] = act[site.share]
     weights = {}
     graph = prepared.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -232,16 +244,91 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
             report.float_nodes[node_name] = "its input stays float"
             del weights[node_name]
 
-    graph = insert_qdq(graph, plan, act, weights)
-    out = to_model(graph, prepared.source)
+    float_graph = graph.copy()
+    out = to_model(insert_qdq(graph, plan, act, weights), prepared.source)
+    if bias_correction and calib is not None:
+        t3 = time.perf_counter()
+        bc_images = min(bias_correction, num_images) if num_images else bias_correction
+        out = _bias_corrected(prepared, float_graph, plan, act, weights, out, calib, pp, bc_images, seed, report)
+        report.seconds["bias_correction"] = round(time.perf_counter() - t3, 3)
+    elif bias_correction:
+        notes.append("bias correction skipped: it needs images (give --calib with --stats)")
     out.opset_import[0].version = max(out.opset_import[0].version, 13)
     _stamp_metadata(out, report)
-    report.seconds = {"calibrate": round(t2 - t0, 3), "total": round(time.perf_counter() - t0, 3)}
+    report.seconds.update({"calibrate": round(t2 - t0, 3), "total": round(time.perf_counter() - t0, 3)})
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as exc:
         raise OnnxqError(f"internal error: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
     return out, report
+
+
+# A depthwise conv filters each channel alone: a channel whose whole range spans fewer than
+# STARVED_LEVELS quantization steps reaches its output as noise, with nothing to average it out.
+STARVED_LEVELS = 4
+STARVED_LIMIT = 0.05  # keep the depthwise conv float when more than this share of channels starve
+
+
+def depthwise_inputs(graph) -> dict:
+    """Depthwise Conv node name -> its activation input tensor."""
+    out = {}
+    for n in graph.nodes:
+        w = n.inputs[1] if n.op == "Conv" and len(n.inputs) > 1 else None
+        group = int(n.attrs.get("group", 1)) if n.op == "Conv" else 1
+        if isinstance(w, gs.Constant) and group > 1 and w.values.shape[1] == 1:
+            out[n.name] = n.inputs[0].name
+    return out
+
+
+def _keep_starved_depthwise_float(graph, plan, act, stats, report):
+    for node_name, tensor in depthwise_inputs(graph).items():
+        if node_name not in plan.weights or tensor not in act or tensor not in stats.channel_max:
+            continue
+        p = act[tensor]
+        chan = stats.channel_max[tensor]
+        starved = float(np.mean(chan < STARVED_LEVELS * p.scale)) if chan.size else 0.0
+        if starved <= STARVED_LIMIT:
+            continue
+        del plan.weights[node_name]
+        report.float_nodes[node_name] = (f"depthwise conv: {starved:.0%} of its input channels span fewer than "
+                                         f"{STARVED_LEVELS} quantization steps")
+        site = plan.activations[tensor]
+        readers = site.consumers if site.consumers is not None else [
+            n.name for n in graph.nodes if any(t is not None and t.name == tensor for t in n.inputs)]
+        site.consumers = [c for c in readers if c != node_name]
+        if not site.consumers:
+            del plan.activations[tensor]
+            del act[tensor]
+
+
+def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, calib, pp, num_images, seed, report):
+    from .correct import apply_bias_shift, conv_output_shift, measure_input_means
+    from .images import iter_batches, list_images
+
+    nodes = {n.name: n for n in float_graph.nodes}
+    convs = [n for n in sorted(weights) if nodes[n].op == "Conv" and len(nodes[n].inputs) > 2
+             and isinstance(nodes[n].inputs[2], gs.Constant)]
+    if not convs:
+        return quant_model
+    pairs = sorted({(nodes[n].inputs[0].name, nodes[n].inputs[0].name + "_dequantized") for n in convs})
+    paths = list_images(calib, num_images=num_images, seed=seed)
+    batch = 8 if prepared.inputs.dynamic_batch else 1
+    batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=batch))
+    means = measure_input_means(quant_model, pairs, prepared.inputs, batches)
+    shifts = {}
+    for n in convs:
+        node, wq = nodes[n], weights[n]
+        x = node.inputs[0].name
+        if x not in means:
+            continue
+        w = node.inputs[1].values
+        shape = [1] * w.ndim
+        shape[0] = -1
+        w_deq = wq.q.astype(np.float64) * wq.scale.reshape(shape).astype(np.float64)
+        shifts[n] = conv_output_shift(w, w_deq, *means[x], int(node.attrs.get("group", 1)))
+    changed = apply_bias_shift(float_graph, shifts)
+    report.notes.append(f"bias correction: {changed} conv biases adjusted over {len(paths)} images")
+    return to_model(insert_qdq(float_graph, plan, act, weights), prepared.source)
 
 
 def _stamp_metadata(model, report: QuantReport):
@@ -283,5 +370,6 @@ def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=Non
     pp, source = resolve_preprocess(prepared, preprocess)
     paths = list_images(calib, num_images=num_images, seed=seed)
     stats = calibrate(prepared.model, prepared.inputs, reusable_tensors(prepared), paths, pp, prepared.hash,
-                      batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=on_skip)
+                      batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=on_skip,
+                      channel_tensors=depthwise_inputs(prepared.graph).values())
     return stats, prepared.inputs.notes + [f"preprocessing {pp.describe()} ({source})"]

@@ -58,7 +58,8 @@ def _feed(inputs, batch):
     return feed
 
 
-def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, threads, stats, progress_cb, decode_threads):
+def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, threads, stats, progress_cb, decode_threads,
+               channel_tensors=()):
     session = make_session(_expose(model, tensors), threads)
     pending = queue.Queue(maxsize=2)  # bounded: at most two batches of activations alive
     failure = []
@@ -71,6 +72,8 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
             try:
                 for name, value in zip(tensors, item):
                     stats.observe(name, value)
+                    if name in channel_tensors:
+                        stats.observe_channels(name, value)
             except BaseException as exc:  # surfaced in the main thread
                 failure.append(exc)
 
@@ -100,7 +103,7 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
     return skipped
 
 
-def _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, counter):
+def _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, counter, channel_tensors):
     """Worker-process entry point: statistics of one shard of the images."""
     model = onnx.load_from_string(model_bytes)
     pp = Preprocess.from_dict(pp_dict)
@@ -110,13 +113,15 @@ def _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, thread
         with counter.get_lock():
             counter.value += n
 
-    skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, tick, decode_threads=1)
+    skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, tick, decode_threads=1,
+                         channel_tensors=channel_tensors)
     return stats, skipped
 
 
 def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_size=None, workers=1,
-              threads=None, progress=True, on_skip=None) -> Stats:
-    """Statistics of `tensors` over the images at `paths`."""
+              threads=None, progress=True, on_skip=None, channel_tensors=()) -> Stats:
+    """Statistics of `tensors` over the images at `paths` (and per-channel maxima of `channel_tensors`)."""
+    channel_tensors = frozenset(channel_tensors)
     from tqdm import tqdm
 
     tensors = list(tensors)
@@ -130,10 +135,10 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
         if workers == 1:
             stats = Stats(model_hash, pp.to_dict(), inputs.hw)
             skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, bar.update,
-                                 decode_threads=2)
+                                 decode_threads=2, channel_tensors=channel_tensors)
         else:
             stats, skipped = _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size,
-                                                 workers, threads, bar)
+                                                 workers, threads, bar, channel_tensors)
     finally:
         bar.close()
     for path, why in skipped:
@@ -144,7 +149,8 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
     return stats
 
 
-def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size, workers, threads, bar):
+def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size, workers, threads, bar,
+                        channel_tensors):
     cores = os.cpu_count() or 1
     per_worker = threads or max(1, cores // workers)
     size = math.ceil(len(paths) / workers)
@@ -157,7 +163,7 @@ def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_siz
     with ProcessPoolExecutor(max_workers=len(shards), mp_context=ctx, initializer=_init_counter,
                              initargs=(counter,)) as pool:
         futures = [pool.submit(_shard_entry, model_bytes, inputs, tensors, shard, pp.to_dict(), batch_size,
-                               per_worker, model_hash) for shard in shards]
+                               per_worker, model_hash, channel_tensors) for shard in shards]
         done = 0
         while not all(f.done() for f in futures):
             try:
@@ -186,5 +192,6 @@ def _init_counter(counter):
     _COUNTER = counter
 
 
-def _shard_entry(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_):
-    return _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, _COUNTER)
+def _shard_entry(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, channel_tensors):
+    return _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, _COUNTER,
+                       channel_tensors)

@@ -36,6 +36,16 @@ class Stats:
     num_images: int = 0
     tensors: dict = field(default_factory=dict)  # tensor name -> GridHistogram
     skipped: int = 0  # unreadable images
+    channel_max: dict = field(default_factory=dict)  # tensor -> per-channel max |x| (inputs of depthwise convs)
+
+    def observe_channels(self, name, values: np.ndarray):
+        if values.ndim < 2 or values.size == 0:
+            return
+        v = np.abs(np.moveaxis(values, 1, 0).reshape(values.shape[1], -1))
+        m = np.nanmax(np.where(np.isfinite(v), v, np.nan), axis=1) if not np.isfinite(v).all() else v.max(axis=1)
+        m = np.nan_to_num(m.astype(np.float64), nan=0.0)
+        old = self.channel_max.get(name)
+        self.channel_max[name] = m if old is None or old.shape != m.shape else np.maximum(old, m)
 
     def observe(self, name, values: np.ndarray):
         hist = self.tensors.get(name)
@@ -51,8 +61,11 @@ class Stats:
         for n in names:
             a, b = self.tensors.get(n), other.tensors.get(n)
             merged[n] = a.merge(b) if a is not None and b is not None else (a or b)
+        channels = dict(self.channel_max)
+        for n, m in other.channel_max.items():
+            channels[n] = np.maximum(channels[n], m) if n in channels else m
         return Stats(self.model_hash, self.preprocess, self.image_hw, self.num_images + other.num_images,
-                     merged, self.skipped + other.skipped)
+                     merged, self.skipped + other.skipped, channels)
 
     def save(self, path):
         arrays = {}
@@ -63,6 +76,8 @@ class Stats:
         header = {"format": FORMAT_VERSION, "model_hash": self.model_hash, "preprocess": self.preprocess,
                   "image_hw": list(self.image_hw), "num_images": self.num_images, "skipped": self.skipped,
                   "tensors": names}
+        for n, m in self.channel_max.items():
+            arrays[f"t{names.index(n)}_channel_max"] = m
         arrays["header"] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
@@ -76,11 +91,13 @@ class Stats:
                 header = json.loads(bytes(data["header"]).decode())
                 if header.get("format") != FORMAT_VERSION:
                     raise OnnxqError(f"{path}: statistics format {header.get('format')} is not {FORMAT_VERSION}")
-                tensors = {}
+                tensors, channels = {}, {}
                 for i, n in enumerate(header["tensors"]):
                     prefix = f"t{i}_"
-                    tensors[n] = GridHistogram.from_arrays(
-                        {k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)})
+                    arrays = {k[len(prefix):]: data[k] for k in data.files if k.startswith(prefix)}
+                    if "channel_max" in arrays:
+                        channels[n] = np.asarray(arrays.pop("channel_max"), dtype=np.float64)
+                    tensors[n] = GridHistogram.from_arrays(arrays)
         except OnnxqError:
             raise
         except FileNotFoundError:
@@ -88,7 +105,7 @@ class Stats:
         except Exception as exc:
             raise OnnxqError(f"{path}: not an onnxq statistics file ({type(exc).__name__})") from exc
         return cls(header["model_hash"], header["preprocess"], tuple(header["image_hw"]), header["num_images"],
-                   tensors, header.get("skipped", 0))
+                   tensors, header.get("skipped", 0), channels)
 
     def check_matches(self, model_hash_: str, preprocess: dict | None, path="stats"):
         if self.model_hash != model_hash_:

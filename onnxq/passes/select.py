@@ -16,8 +16,6 @@ from .head import Head, find_head
 # Activations after which a tensor is one-sided (bounded below near zero): Q-YOLO's UH applies there.
 _ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Elu", "Selu",
                 "Softplus", "Mish", "Gelu")
-# Values pass through these unchanged in kind (max of one-sided values is one-sided, and so on).
-_PASS_THROUGH = LAYOUT_OPS + ("AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 
 
 @dataclass
@@ -60,25 +58,18 @@ def _is_silu_mul(node) -> bool:
     return False
 
 
-def is_one_sided(tensor, _seen=None) -> bool:
-    """True if the tensor is an activation's output, through layout ops and residual adds."""
-    _seen = _seen if _seen is not None else set()
-    if tensor.name in _seen:
-        return True
-    _seen.add(tensor.name)
+def is_one_sided(tensor) -> bool:
+    """True if an activation (SiLU, ReLU, ...) writes the tensor directly: where UH applies, as in Q-YOLO.
+
+    Tensors that merge or select several activations (Concat, residual Add, MaxPool) are not counted:
+    their tails come from different branches, and clipping them measurably cost mAP.
+    """
     p = producer(tensor)
     if p is None:
         return False
-    if p.op in _ACTIVATIONS or _is_silu_mul(p):
-        return True
-    if p.op in _PASS_THROUGH:
-        values = [t for t in p.inputs[:1] if t is not None] if p.op not in ("Concat",) else list(p.inputs)
-        values = [t for t in values if not isinstance(t, gs.Constant)]
-        return bool(values) and all(is_one_sided(t, _seen) for t in values)
-    if p.op == "Add":
-        values = [t for t in p.inputs if not isinstance(t, gs.Constant)]
-        return len(values) == 2 and all(is_one_sided(t, _seen) for t in values)
-    return False
+    if p.op == "Sigmoid" and all(_is_silu_mul(r) for r in p.outputs[0].outputs):
+        return False  # the [0, 1] half of a SiLU: nothing to clip
+    return p.op in _ACTIVATIONS or _is_silu_mul(p)
 
 
 def _weight_axis(node) -> int:
@@ -190,6 +181,14 @@ def plan_quantization(graph: gs.Graph, target, keep_first=True, keep_head=True, 
 
     if target.int8_elementwise:
         _propagate_int8(graph, plan, target, add_site, uses, graph_outputs)
+
+    # layers kept float (the head's output convs above all) read the float tensor, not a clipped copy
+    for site in plan.activations.values():
+        if site.consumers is None:
+            readers = uses.get(site.tensor, [])
+            keep = [r.name for r in readers if r.name not in plan.float_nodes and r.name not in head.tail]
+            if len(keep) != len(readers):
+                site.consumers = keep
 
     if target.quantize_add_inputs:
         for node in graph.nodes:

@@ -1,0 +1,147 @@
+"""Calibration cost: onnxq against the inference floor and the peers, time and peak memory.
+
+For yolov5n and yolov8n, with 32, 128 and 512 images (coco128 cycled), each
+configuration in its own process:
+  floor        plain FP32 onnxruntime inference over the same prepared images
+  onnxq        onnxq calibrate (all statistics) + quantize --stats (uh, W8A8)
+  onnxq-w2     the same with --workers 2
+  ort-minmax / ort-percentile / ort-entropy   onnxruntime quantize_static (QDQ, per-channel)
+  nncf         nncf.quantize defaults, subset_size = number of images
+The peers' histogram calibrators keep every activation of every image; past
+128 images they need more memory than this machine has, so they run at 32
+and 128 only (`--peer-max`).
+
+    python bench/calibration.py [--models yolov5n yolov8n] [--sizes 32 128 512] [--json out.json]
+"""
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+KINDS = ["floor", "onnxq", "onnxq-w2", "ort-minmax", "ort-percentile", "ort-entropy", "nncf"]
+
+
+def _prepared_batches(model, paths):
+    from onnxq.api import prepare_model, resolve_preprocess
+    from onnxq.images import iter_batches
+
+    prepared = prepare_model(model)
+    pp, _ = resolve_preprocess(prepared, None)
+    return prepared, (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=1))
+
+
+def run_one(kind, model, n):
+    paths = C.cycle_images(C.CALIB / "images", n)
+    t0 = time.perf_counter()
+    if kind == "floor":
+        import onnxruntime as ort
+
+        prepared, batches = _prepared_batches(model, paths)
+        sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        for x in batches:
+            sess.run(None, {prepared.inputs.image: x})
+    elif kind.startswith("onnxq"):
+        from onnxq.api import collect_stats, quantize_with_report
+        from onnxq.calibrate import calibrate
+        from onnxq.model import save_model
+        import onnxq.api as api
+
+        workers = 2 if kind == "onnxq-w2" else 1
+        # calibrate over the cycled list (the folder has 128 images)
+        prepared = api.prepare_model(model)
+        pp, _ = api.resolve_preprocess(prepared, None)
+        stats = calibrate(prepared.model, prepared.inputs, api.reusable_tensors(prepared), paths, pp, prepared.hash,
+                          workers=workers, progress=False)
+        q, _ = quantize_with_report(model, stats=stats, method="uh")
+        with tempfile.TemporaryDirectory() as d:
+            save_model(q, Path(d) / "q.onnx")
+    elif kind.startswith("ort-"):
+        from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
+
+        prepared, batches = _prepared_batches(model, paths)
+        name = prepared.inputs.image
+
+        class Reader(CalibrationDataReader):
+            def get_next(self):
+                x = next(batches, None)
+                return None if x is None else {name: x}
+
+        method = {"ort-minmax": CalibrationMethod.MinMax, "ort-percentile": CalibrationMethod.Percentile,
+                  "ort-entropy": CalibrationMethod.Entropy}[kind]
+        with tempfile.TemporaryDirectory() as d:
+            quantize_static(str(model), str(Path(d) / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, calibrate_method=method)
+    elif kind == "nncf":
+        import nncf
+        import onnx
+
+        prepared, batches = _prepared_batches(model, paths)
+        images = list(batches)  # nncf.Dataset needs an iterable it can re-read
+        q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(images, lambda x: {prepared.inputs.image: x}),
+                          subset_size=len(images))
+    else:
+        raise SystemExit(f"unknown kind {kind}")
+    seconds = time.perf_counter() - t0
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"kind": kind, "images": n, "seconds": seconds, "peak_rss_mb": rss_mb}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["yolov5n", "yolov8n"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[32, 128, 512])
+    ap.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
+    ap.add_argument("--peer-max", type=int, default=128, help="largest image count the peers run with")
+    ap.add_argument("--json", default=str(C.RESULTS / "calibration.json"))
+    ap.add_argument("--one", nargs=3, metavar=("KIND", "MODEL", "N"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        kind, model, n = args.one
+        return run_one(kind, Path(model), int(n))
+
+    results = []
+    for key in args.models:
+        model = C.model_path(key)
+        for n in args.sizes:
+            for kind in args.kinds:
+                if (kind.startswith("ort-") or kind == "nncf") and n > args.peer_max:
+                    continue
+                r = C.run_child([__file__, "--one", kind, model, n])
+                r.update(model=key, kind=kind, images=n)
+                results.append(r)
+                shown = f"{r['seconds']:.1f} s, {r['peak_rss_mb']:.0f} MB" if "seconds" in r else r["error"]
+                print(f"{key:8s} {n:4d} {kind:15s} {shown}", file=sys.stderr, flush=True)
+    rows = []
+    for key in args.models:
+        for n in args.sizes:
+            by = {r["kind"]: r for r in results if r["model"] == key and r["images"] == n and "seconds" in r}
+            floor, ours = by.get("floor"), by.get("onnxq")
+            for kind in args.kinds:
+                r = by.get(kind)
+                if r is None:
+                    continue
+                rows.append([key, n, kind, f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}",
+                             f"{r['seconds'] / floor['seconds']:.2f}x" if floor else "-",
+                             f"{r['seconds'] / ours['seconds']:.2f}x" if ours else "-"])
+    print(f"Calibration cost ({C.stamp()})\n")
+    print(C.markdown_table(rows, ["model", "images", "tool", "seconds", "peak RSS MB", "vs floor", "vs onnxq"]))
+    growth = []
+    for key in args.models:
+        rss = {r["images"]: r["peak_rss_mb"] for r in results if r["model"] == key and r["kind"] == "onnxq" and "seconds" in r}
+        if len(rss) >= 2:
+            lo, hi = min(rss), max(rss)
+            growth.append(f"{key}: onnxq peak RSS {rss[lo]:.0f} MB at {lo} images, {rss[hi]:.0f} MB at {hi} "
+                          f"({(rss[hi] / rss[lo] - 1) * 100:+.1f}%)")
+    print("\n" + "\n".join(growth))
+    C.write_json(args.json, {"stamp": C.stamp(), "results": results})
+
+
+if __name__ == "__main__":
+    main()
