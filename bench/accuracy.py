@@ -1,0 +1,173 @@
+"""The accuracy table: COCO mAP before and after quantization, onnxq against the peers.
+
+Calibrate on coco128_train2017 (128 images), evaluate on coco_val2017_first128.
+One `onnxq calibrate` pass per model serves every method and bit width
+(quantize --stats), with the calibration images also used for bias correction.
+Rows: FP32; onnxq minmax/percentile/mse/entropy/uh at W8A8, W6A6, W4A4
+(asymmetric, Q-YOLO placement = --target openvino); uh symmetric at W6A6
+and W4A4; uh W8A8 for the ort target; onnxruntime quantize_static (QDQ,
+per-channel; MinMax, Percentile, Entropy) and nncf.quantize defaults.
+
+    python bench/accuracy.py [--models yolov5n yolov8n yolox_nano] [--methods ...] [--no-peers]
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+METHODS = ["minmax", "percentile", "mse", "entropy", "uh"]
+BITS = [(8, 8), (6, 6), (4, 4)]
+
+
+def _peer_ort(model, out, method, pp, n):
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
+
+    from onnxq.api import prepare_model
+    from onnxq.images import iter_batches, list_images
+
+    prepared = prepare_model(model)
+    batches = (b.images for b in iter_batches(list_images(C.CALIB / "images", n), prepared.inputs.hw, pp))
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            x = next(batches, None)
+            return None if x is None else {prepared.inputs.image: x}
+
+    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                                      "entropy": CalibrationMethod.Entropy}[method])
+
+
+def _peer_nncf(model, out, pp, n):
+    import nncf
+    import onnx
+
+    from onnxq.api import prepare_model
+    from onnxq.images import iter_batches, list_images
+
+    prepared = prepare_model(model)
+    images = [b.images for b in iter_batches(list_images(C.CALIB / "images", n), prepared.inputs.hw, pp)]
+    q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(images, lambda x: {prepared.inputs.image: x}),
+                      subset_size=len(images))
+    onnx.save(q, str(out))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["yolov5n", "yolov8n", "yolox_nano"])
+    ap.add_argument("--images", type=int, default=128, help="calibration images")
+    ap.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N val images")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--peer-methods", nargs="+", default=["minmax", "percentile", "entropy"],
+                    choices=["minmax", "percentile", "entropy"],
+                    help="onnxruntime calibrators (Percentile/Entropy need ~18 GB for 128 images at 640)")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--json", default=str(C.RESULTS / "accuracy.json"))
+    ap.add_argument("--plot", default=str(C.RESULTS / "accuracy.png"))
+    args = ap.parse_args()
+
+    from onnxq.api import collect_stats, quantize_with_report
+    from onnxq.evaluate.coco import evaluate_model
+    from onnxq.model import save_model
+
+    results = []
+    tmp = Path(tempfile.mkdtemp(prefix="onnxq-acc-"))
+
+    def evaluate(key, label, path, **extra):
+        r = evaluate_model(path, C.VAL, progress=False, num_images=args.eval_images)
+        row = {"model": key, "config": label, "map50_95": r["map50_95"], "map50": r["map50"], **extra}
+        results.append(row)
+        print(f"{key:10s} {label:34s} {r['map50_95']:6.2f} {r['map50']:6.2f}", file=sys.stderr, flush=True)
+        return row
+
+    for key in args.models:
+        model = C.model_path(key)
+        fp32 = evaluate(key, "FP32", model)
+        t0 = time.perf_counter()
+        stats, _ = collect_stats(model, C.CALIB / "images", num_images=args.images)
+        stats_path = tmp / f"{key}.npz"
+        stats.save(stats_path)
+        calib_seconds = time.perf_counter() - t0
+        pp = None
+        configs = []
+        methods = args.methods
+        for w, a in BITS:
+            for m in methods:
+                configs.append((f"onnxq {m} W{w}A{a}", dict(method=m, w_bits=w, a_bits=a, target="openvino")))
+        for w, a in [(6, 6), (4, 4)]:
+            configs.append((f"onnxq uh W{w}A{a} symmetric", dict(method="uh", w_bits=w, a_bits=a, target="openvino",
+                                                                 symmetric=True)))
+        configs.append(("onnxq uh W8A8 --target ort", dict(method="uh", target="ort")))
+        configs.append(("onnxq uh W8A8 --target tensorrt", dict(method="uh", target="tensorrt")))
+        for label, opts in configs:
+            q, report = quantize_with_report(model, C.CALIB / "images", stats=stats_path, num_images=args.images, **opts)
+            pp = report.preprocess
+            out = tmp / f"{key}-{label.replace(' ', '_').replace('-', '')}.onnx"
+            save_model(q, out)
+            evaluate(key, label, out, bits=label.split()[2] if "W" in label else "")
+        if not args.no_peers:
+            for m in args.peer_methods:
+                out = tmp / f"{key}-ort-{m}.onnx"
+                try:
+                    _peer_ort(model, out, m, pp, args.images)
+                    evaluate(key, f"onnxruntime quantize_static {m}", out, bits="W8A8")
+                except Exception as exc:  # a peer failing is a result, not a crash of the table
+                    results.append({"model": key, "config": f"onnxruntime quantize_static {m}", "error": str(exc)[:200]})
+            out = tmp / f"{key}-nncf.onnx"
+            try:
+                _peer_nncf(model, out, pp, args.images)
+                evaluate(key, "nncf.quantize defaults", out, bits="W8A8")
+            except Exception as exc:
+                results.append({"model": key, "config": "nncf.quantize defaults", "error": str(exc)[:200]})
+        for r in results:
+            if r["model"] == key and "map50_95" in r:
+                r["drop"] = r["map50_95"] - fp32["map50_95"]
+        print(f"{key}: calibration (all statistics, {args.images} images) {calib_seconds:.1f} s", file=sys.stderr)
+
+    rows = [[r["model"], r["config"], f"{r['map50_95']:.2f}", f"{r['map50']:.2f}", f"{r['drop']:+.2f}"]
+            if "map50_95" in r else [r["model"], r["config"], "error", "-", r["error"][:60]] for r in results]
+    print(f"COCO mAP, calibrated on coco128_train2017 ({args.images} images), evaluated on coco_val2017_first128 "
+          f"({C.stamp()})\n")
+    print(C.markdown_table(rows, ["model", "configuration", "mAP50-95", "mAP50", "drop vs FP32"]))
+    C.write_json(args.json, {"stamp": C.stamp(), "results": results})
+    try:
+        _plot(results, args.plot)
+        print(f"\nplot: {args.plot}")
+    except ImportError:
+        pass
+
+
+def _plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in results})
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, key in zip(axes[0], models):
+        fp32 = next(r["map50_95"] for r in results if r["model"] == key and r["config"] == "FP32")
+        for m in METHODS:
+            pts = [(int(r["config"].split()[2][1]), r["map50_95"]) for r in results
+                   if r["model"] == key and r["config"].startswith(f"onnxq {m} W") and len(r["config"].split()) == 3]
+            if pts:
+                pts.sort()
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.axhline(fp32, color="black", ls="--", label="FP32")
+        ax.set_title(key)
+        ax.set_xlabel("bits (W = A)")
+        ax.set_ylabel("mAP50-95")
+        ax.set_xticks([4, 6, 8])
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""onnxruntime (CPU): runner.py runs a model, build.py saves the optimized graph."""

@@ -1,0 +1,47 @@
+"""onnxruntime CPU runner."""
+
+import numpy as np
+import onnxruntime as ort
+
+from ...errors import OnnxqError
+from .. import Runner, first_line
+
+# onnxruntime reports element types as strings such as "tensor(float)".
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+           "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+           "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def session_options(threads=None, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path=None):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    opts.log_severity_level = 3  # errors only: no per-node warnings on stderr
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    return opts
+
+
+def create_session(model_path, opts):
+    try:
+        return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise OnnxqError(f"{model_path}: onnxruntime cannot load it: {first_line(exc)}") from None
+
+
+class OrtRunner(Runner):
+    def __init__(self, model_path, threads=None):
+        self.model_path = str(model_path)
+        self.session = create_session(model_path, session_options(threads))
+        inputs = self.session.get_inputs()
+        self.input_names = [i.name for i in inputs]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_shapes = {i.name: list(i.shape) for i in inputs}
+        self.input_dtypes = {i.name: np.dtype(_DTYPES.get(i.type, np.float32)) for i in inputs}
+
+    def __call__(self, feed):
+        try:
+            return self.session.run(self.output_names, feed)
+        except Exception as exc:
+            raise OnnxqError(f"{self.model_path}: onnxruntime run failed: {first_line(exc)}") from None

@@ -1,0 +1,110 @@
+"""The command line as a user types it: outputs, reports, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from conftest import CALIB_DIR, MODELS_DIR, VAL_DIR
+from onnxq.cli import main
+
+SMALL = MODELS_DIR / "fastestdet_352.onnx"
+
+
+def run_cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "onnxq", *map(str, args)], capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_quantize_writes_model_and_report(tmp_path):
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    code, stdout, stderr = run_cli("quantize", SMALL, out, "--calib", CALIB_DIR / "images", "--num-images", 4,
+                                   "--report", rep, "--no-progress")
+    assert code == 0, stderr
+    onnx.checker.check_model(onnx.load(str(out)))
+    report = json.loads(rep.read_text())
+    assert report["activations"] and report["weights"]
+    a = report["activations"][0]
+    for key in ("tensor", "min", "max", "scale", "zero_point", "clip_ratio", "mse"):
+        assert key in a
+    assert "target ort" in stdout and "| what" in stdout
+    assert list(tmp_path.iterdir()) == sorted([out, rep]) or set(tmp_path.iterdir()) == {out, rep}
+
+
+def test_calibrate_then_quantize_from_stats(tmp_path):
+    stats = tmp_path / "s.npz"
+    assert main(["calibrate", str(SMALL), "--calib", str(CALIB_DIR / "images"), "--num-images", "4", "-o", str(stats),
+                 "--no-progress"]) == 0
+    for method, bits in [("uh", "W8A8"), ("entropy", "W4A4")]:
+        out = tmp_path / f"{method}.onnx"
+        assert main(["quantize", str(SMALL), str(out), "--stats", str(stats), "--method", method, "--bits", bits]) == 0
+        assert out.exists()
+
+
+def test_stats_of_another_model_are_refused(tmp_path, capsys):
+    stats = tmp_path / "s.npz"
+    assert main(["calibrate", str(SMALL), "--calib", str(CALIB_DIR / "images"), "--num-images", "2", "-o", str(stats),
+                 "--no-progress"]) == 0
+    other = MODELS_DIR / "yolo-fastestv2_352.onnx"
+    assert main(["quantize", str(other), str(tmp_path / "x.onnx"), "--stats", str(stats)]) == 1
+    assert "another model" in capsys.readouterr().err
+    assert main(["quantize", str(SMALL), str(tmp_path / "x.onnx"), "--stats", str(stats), "--preset", "yolox"]) == 1
+    assert "other preprocessing" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_inspect_prints_tail_and_plan(tmp_path):
+    code, stdout, _ = run_cli("inspect", MODELS_DIR / "yolov8n_from-int8_640.onnx", "--json", tmp_path / "i.json")
+    assert code == 0
+    assert "decode tail" in stdout and "Softmax" in stdout and "ultralytics-v8" in stdout
+    info = json.loads((tmp_path / "i.json").read_text())
+    assert info["decode_tail"]["decode_compute_ops"] == ["/model.22/dfl/conv/Conv"]
+    assert len(info["quantized_compute_ops"]) == 56
+
+
+def test_eval_on_a_few_images_writes_json(tmp_path):
+    code, stdout, stderr = run_cli("eval", MODELS_DIR / "yolox_nano_416.onnx", "--data", VAL_DIR, "--num-images", 8,
+                                   "--json", tmp_path / "e.json", "--no-progress")
+    assert code == 0, stderr
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["family"] == "yolox" and r["preprocess_source"].startswith("preset yolox")
+    assert 10 < r["map50_95"] < 80
+
+
+def test_compare_model_against_itself(tmp_path):
+    q = tmp_path / "q.onnx"
+    assert main(["quantize", str(SMALL), str(q), "--calib", str(CALIB_DIR / "images"), "--num-images", "2",
+                 "--no-progress"]) == 0
+    code, stdout, stderr = run_cli("compare", SMALL, q, "--calib", VAL_DIR / "images", "--num-images", 2,
+                                   "--plots", tmp_path / "plots", "--json", tmp_path / "c.json")
+    assert code == 0, stderr
+    rows = json.loads((tmp_path / "c.json").read_text())
+    acts = [r for r in rows if r["kind"] == "activation"]
+    assert acts and all(r["sqnr_db"] < 80 for r in acts)
+    assert len(list((tmp_path / "plots").glob("*.png"))) >= 1
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["quantize", "MISSING.onnx", "OUT.onnx", "--calib", "IMAGES"], 1, "no such file"),
+    (["quantize", "MODEL", "OUT.onnx"], 2, "exactly one of"),
+    (["quantize", "MODEL", "MODEL", "--calib", "IMAGES"], 2, "output path is the input"),
+    (["quantize", "MODEL", "/nonexistent-dir/q.onnx", "--calib", "IMAGES"], 1, "does not exist"),
+    (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--bits", "W3A3"], 2, "--bits"),
+    (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--exclude", "nothing-matches"], 2, "matches no"),
+    (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--mean", "1,2"], 2, "three numbers"),
+    (["quantize", "MODEL", "OUT.onnx", "--calib", "EMPTY"], 1, "no images"),
+    (["eval", "MODEL", "--data", "EMPTY"], 1, "annotation"),
+])
+def test_errors_are_one_line_with_exit_codes(tmp_path, args, code, needle):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    subst = {"MODEL": str(SMALL), "OUT.onnx": str(tmp_path / "out.onnx"), "IMAGES": str(CALIB_DIR / "images"),
+             "EMPTY": str(empty)}
+    got, stdout, stderr = run_cli(*[subst.get(a, a) for a in args])
+    assert got == code, stderr
+    lines = [line for line in stderr.strip().splitlines() if line and not line.startswith(("calibrating", "note:"))]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "out.onnx").exists()
