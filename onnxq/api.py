@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from . import __version__
 from .errors import OnnxqError, UsageError
 from .model import find_inputs, infer_shapes, load_model
-from .passes.fold import fold_constants
+from .passes.fold import fold_constants, name_nodes
 from .passes.graph import to_graph, to_model
 from .passes.opset import upgrade_opset
 from .passes.qdq import insert_qdq
@@ -110,7 +110,7 @@ def prepare_model(model_or_path, imgsz=None, input_values=None) -> Prepared:
         source = load_model(model_or_path)
     inputs = find_inputs(source, imgsz=imgsz, input_values=input_values, path=name)
     upgraded = infer_shapes(upgrade_opset(source))
-    graph = fold_constants(to_graph(upgraded))
+    graph = name_nodes(fold_constants(to_graph(upgraded)))
     model = to_model(graph, source)
     return Prepared(source, model, graph, inputs, model_hash(source), name)
 
@@ -209,7 +209,7 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
                          float_nodes=dict(plan.float_nodes), tail_nodes=len(plan.head.tail), notes=notes)
     act = {}
     for name, site in sorted(plan.activations.items()):
-        choice = activation_params(name, st.tensors[name], site.one_sided, cfg)
+        choice = activation_params(name, st.tensors[name], site.one_sided, cfg, site.direct)
         if choice is None:
             report.float_tensors[name] = "no finite value observed"
             warnings.warn(f"activation {name}: no finite value in calibration; left float")

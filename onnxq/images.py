@@ -1,44 +1,52 @@
 """Image folders: find images, decode them robustly, prepare batches in background threads."""
 
 import os
-import queue
+import re
 import threading
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from .errors import OnnxqError
+from .errors import OnnxqError, UsageError
 from .preprocess import Preprocess, prepare
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # compared lower-cased
+PAD_RGB = (114, 114, 114)  # transparent pixels become the letterbox grey
 
 
 class ImageError(OnnxqError):
-    pass
+    """One image file cannot be used; iter_batches skips it and reports it."""
 
 
-def list_images(folder, num_images=None, seed=0) -> list:
-    """Image files under `folder` (recursive, sorted, symlink loops skipped); a seeded subset if asked."""
+def list_images(folder, num_images: int | None = None, seed: int = 0) -> list:
+    """Image files under `folder`: recursive, sorted, following directory symlinks without looping.
+
+    With num_images, a deterministic seeded subset (returned sorted); if num_images is
+    at least the number found, all of them (the caller can compare the lengths).
+    """
     folder = Path(folder)
     if not folder.exists():
         raise OnnxqError(f"{folder}: no such folder")
     if not folder.is_dir():
-        raise OnnxqError(f"{folder}: not a folder of images")
+        raise OnnxqError(f"{folder}: not a folder (expected a folder of images)")
+    if num_images is not None and num_images < 1:
+        raise UsageError(f"number of images {num_images}: must be at least 1")
     found, seen = [], set()
-    for root, dirs, files in os.walk(folder, followlinks=True, onerror=None):
+    for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
-        if real in seen:  # a symlink back up the tree: do not walk it twice
+        if real in seen:  # a symlink back up the tree, or a second link to one folder: walk it once
             dirs[:] = []
             continue
         seen.add(real)
         dirs.sort()
-        found.extend(Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        found.extend(Path(root) / f for f in files if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
     if not found:
-        raise OnnxqError(f"{folder}: no images (.jpg .jpeg .png .bmp .webp) found")
+        raise OnnxqError(f"{folder}: no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) found")
     found.sort()
     if num_images is not None and num_images < len(found):
         idx = np.random.default_rng(seed).choice(len(found), size=num_images, replace=False)
@@ -46,86 +54,141 @@ def list_images(folder, num_images=None, seed=0) -> list:
     return found
 
 
+# warnings.catch_warnings swaps process-wide state: serialise our use of it. Only the
+# header parse (Image.open) runs under the lock; pixel decoding stays parallel.
+_OPEN_LOCK = threading.Lock()
+
+
 def load_image(path) -> np.ndarray:
-    """HxWx3 uint8 RGB with EXIF orientation applied; odd modes converted; one-line errors."""
+    """HxWx3 uint8 RGB with EXIF orientation applied and odd modes converted.
+
+    Any failure raises ImageError("<path>: cannot read image: <reason>"). Pictures over
+    Pillow's pixel limit (Image.MAX_IMAGE_PIXELS, its default kept) are refused from the
+    header, before any pixel is decoded.
+    """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
+        with _OPEN_LOCK, warnings.catch_warnings():
+            # Pillow only warns between 1x and 2x the limit: treat that as refusal too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+            im = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: refused by Pillow's decompression-bomb guard ({exc}); "
-                         f"limit {Image.MAX_IMAGE_PIXELS} pixels") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{path}: cannot read image: {exc}") from None
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(m.group(1)):,} pixels" if m else "too many pixels"
+        raise ImageError(f"{path}: cannot read image: {pixels}, over Pillow's decompression-bomb limit of "
+                         f"{Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    except Exception as exc:  # noqa: BLE001 - unreadable user file, reported in one line
+        raise ImageError(f"{path}: cannot read image: {_reason(exc)}") from None
+    try:
+        with im:
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the pixels
+            return _to_rgb(im)
+    except Exception as exc:  # noqa: BLE001 - truncated data, bad EXIF, unsupported mode...
+        raise ImageError(f"{path}: cannot read image: {_reason(exc)}") from None
+
+
+def _reason(exc):
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if type(exc).__name__ == "UnidentifiedImageError":
+        return "not an image format Pillow recognises"
+    return text
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float images: scale the observed range onto 0-255 instead of clipping at 255
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
-        a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        # transparent pixels become the letterbox grey, as the model sees padding
+    """A Pillow image of any mode -> HxWx3 uint8 RGB.
+
+    16-bit and 32-bit integer greys keep their contrast: I;16 is scaled by 255/65535;
+    mode I is read as 8-bit if its values fit 0-255, as 16-bit if they fit 0-65535,
+    else stretched min-max. Float (F) is read as 0-1 if it fits, as 0-255 if it fits,
+    else stretched min-max. Transparency is composited over PAD_RGB (the letterbox
+    grey), so see-through pixels look like padding to the model.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if mode.startswith("I;16"):
+            a = a * (255.0 / 65535.0)
+        elif mode == "I" and lo >= 0 and hi <= 255:
+            pass
+        elif mode == "I" and lo >= 0 and hi <= 65535:
+            a = a * (255.0 / 65535.0)
+        elif mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0
+        elif mode == "F" and lo >= 0 and hi <= 255:
+            pass
+        else:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        g = np.rint(np.nan_to_num(a, nan=0.0)).clip(0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(g[..., None], 3, axis=2))
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (114, 114, 114, 255))
+        bg = Image.new("RGBA", rgba.size, PAD_RGB + (255,))
         return np.asarray(Image.alpha_composite(bg, rgba).convert("RGB"))
-    if im.mode != "RGB":
-        im = im.convert("RGB")  # L, P, CMYK, YCbCr, 1
+    if mode != "RGB":
+        im = im.convert("RGB")  # L, P, 1, CMYK, YCbCr, ...
     return np.asarray(im)
 
 
 @dataclass
 class Batch:
-    images: np.ndarray  # (n, 3, H, W) float32
-    transforms: list
-    paths: list
+    images: np.ndarray  # (n, 3, H, W) float32, C-contiguous
+    transforms: list  # one preprocess.Transform per image
+    paths: list  # one Path per image
 
 
-def _load_prepared(path, hw, pp):
+def _load_prepared(path, hw, pp, stop):
+    if stop.is_set():  # the consumer has gone: do no more work
+        return path, None, "cancelled"
     try:
         return path, prepare(load_image(path), hw, pp), None
     except ImageError as exc:
-        return path, None, str(exc).split(": ", 1)[-1]
+        return path, None, str(exc).split(": cannot read image: ", 1)[-1]
+
+
+def _common_folder(paths):
+    try:
+        return os.path.commonpath([str(p.parent) for p in paths]) or "."
+    except ValueError:  # relative and absolute paths mixed
+        return str(paths[0].parent)
 
 
 def iter_batches(paths, hw, pp: Preprocess, batch_size=1, threads=2, on_skip=None, prefetch=4):
     """Yield Batches in path order; images decode in a thread pool while the caller runs the model.
 
-    At most `prefetch` batches are decoded ahead, so memory does not grow with the number of images.
-    An unreadable file is skipped and reported through on_skip(path, reason).
+    At most `prefetch` batches' worth of images are decoded or waiting at any time, so
+    memory stays flat. An unreadable file is skipped and reported through
+    on_skip(path, reason). If no file at all can be read, OnnxqError. Closing the
+    generator early (break, exception, Ctrl-C in the consumer) stops the workers.
     """
-    paths = list(paths)
+    paths = [Path(p) for p in paths]
     if not paths:
-        return
-    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="onnxq-decode")
-    pending = queue.Queue()
+        raise OnnxqError("no image files to read")
+    if batch_size < 1 or threads < 1 or prefetch < 1:
+        raise ValueError(f"batch_size, threads and prefetch must be at least 1: {batch_size}, {threads}, {prefetch}")
     stop = threading.Event()
-    window = max(1, prefetch) * max(1, batch_size)
-    it = iter(paths)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onnxq-decode")
+    pending = deque()
+    window = prefetch * batch_size
+    feed = iter(paths)
 
-    def submit_next():
-        p = next(it, None)
-        if p is not None and not stop.is_set():
-            pending.put(pool.submit(_load_prepared, p, hw, pp))
-            return True
-        return False
+    def top_up():
+        while len(pending) < window:
+            p = next(feed, None)
+            if p is None:
+                return
+            pending.append(pool.submit(_load_prepared, p, hw, pp, stop))
 
     try:
-        for _ in range(window):
-            if not submit_next():
-                break
-        images, transforms, done, ok = [], [], [], 0
-        while not pending.empty():
-            path, result, why = pending.get().result()
-            submit_next()
+        top_up()
+        images, transforms, done, ok, first_error = [], [], [], 0, None
+        while pending:
+            path, result, why = pending.popleft().result()
+            top_up()
             if result is None:
+                first_error = first_error or f"{path}: {why}"
                 if on_skip:
                     on_skip(path, why)
                 continue
@@ -139,8 +202,10 @@ def iter_batches(paths, hw, pp: Preprocess, batch_size=1, threads=2, on_skip=Non
         if images:
             yield Batch(np.stack(images), transforms, done)
         if ok == 0:
-            raise OnnxqError(f"none of the {len(paths)} image files could be read "
-                             f"(first: {paths[0]})")
+            where = _common_folder(paths)
+            raise OnnxqError(f"{where}: none of the {len(paths)} image files could be read (first: {first_error})")
     finally:
         stop.set()
+        for f in pending:
+            f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)

@@ -4,8 +4,10 @@ Precedence (resolved in onnxq.api): explicit flags > an onnxq model's metadata >
 Ultralytics metadata > the detected family's preset > ultralytics.
 
 Resizing uses Pillow BILINEAR on uint8 pixels. Ultralytics and YOLOX use OpenCV's
-INTER_LINEAR; the two differ by a grey level or so on some pixels (Pillow
-antialiases when shrinking), which moves calibration ranges and mAP very little.
+INTER_LINEAR. Enlarging, the two agree to a grey level or so; shrinking, Pillow
+filters over the whole footprint (closer to INTER_AREA, which YOLOv5's own val loader
+uses), so fine texture differs a little. Calibration ranges and mAP move very little;
+COCO photos (longest side 640) fed to 640 models are not resized at all.
 """
 
 import json

@@ -1,13 +1,15 @@
 """Stats + method + bits -> quantization parameters, per tensor and per weight channel.
 
-Activations (Q-YOLO): `uh` searches the upper clip of the tensors an
-activation writes directly (post-SiLU/ReLU: lower bound = observed minimum,
-upper clip = least quantization MSE). Every other tensor keeps MinMax under
-`uh`: a Conv's pre-activation output (which onnxruntime's QLinearConv needs
-quantized) is two-sided, and a Concat, residual Add or pooling output mixes
-branches whose rare large values carry detections: clipping them cost
-0.2-0.7 mAP50-95 on yolov5n at W8A8 in our measurements. The other methods
-apply to every tensor as named. The other methods apply to
+Activations (Q-YOLO): `uh` searches the upper clip of one-sided tensors
+(post-SiLU/ReLU: lower bound = observed minimum, upper clip = least
+quantization MSE). At 8 bits only the tensors an activation writes directly
+get the search; a Concat, residual Add or pooling output mixes branches whose
+rare large values carry detections, and clipping them cost 0.2-0.7 mAP50-95
+on yolov5n in our measurements, so they keep MinMax, as does a Conv's
+two-sided pre-activation output (which onnxruntime's QLinearConv needs
+quantized). Below 8 bits rounding dominates and every tensor gets its clip
+search (UH one-sided, MSE two-sided). The other methods apply to every
+tensor as named. The other methods apply to
 every tensor as named. Weights: symmetric MinMax per output channel.
 """
 
@@ -46,12 +48,15 @@ class RangeChoice:
     nonfinite: int = 0
 
 
-def _search(method, counts, lo_edge, width, mn, mx, one_sided, cfg):
+def _search(method, counts, lo_edge, width, mn, mx, one_sided, cfg, direct=True):
     bits, sym = cfg.a_bits, cfg.symmetric
     if method == "uh":
-        if one_sided:
+        if one_sided and (direct or bits < 8):
             lo, hi, _ = search.uh_range(counts, lo_edge, width, mn, mx, bits, sym)
             return "uh", lo, hi
+        if bits < 8:  # below 8 bits the rounding error dominates: a two-sided tensor needs its clip too
+            lo, hi, _ = search.mse_range(counts, lo_edge, width, mn, mx, bits, sym)
+            return "mse", lo, hi
         lo, hi = search.minmax_range(mn, mx)
         return "minmax", lo, hi
     if method == "minmax":
@@ -76,13 +81,13 @@ def _clipped_fraction(counts, lo_edge, width, lo_q, hi_q):
     return float(outside / total) if total else 0.0
 
 
-def activation_params(name, hist, one_sided, cfg: RangeConfig) -> RangeChoice | None:
+def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True) -> RangeChoice | None:
     """Parameters for one activation tensor; None if it has no finite value (it stays float)."""
     if hist.n_finite == 0:
         return None
     mn, mx = float(hist.mn), float(hist.mx)
     counts, lo_edge, width = hist.dense()
-    used, lo, hi = _search(cfg.method, counts, lo_edge, width, mn, mx, one_sided, cfg)
+    used, lo, hi = _search(cfg.method, counts, lo_edge, width, mn, mx, one_sided, cfg, direct)
     scale, zp, qmin, qmax = search.qparams(lo, hi, cfg.a_bits, cfg.symmetric)
     scale = float(np.float32(scale))
     dtype = np.int8 if cfg.symmetric else np.uint8

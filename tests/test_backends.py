@@ -139,10 +139,24 @@ def test_integer_conv_report_finds_qlinearconv(qdq_model, fp32_model):
     n_convs = sum(n.op_type == "Conv" for n in onnx.load(str(fp32_model)).graph.node)
     report = integer_conv_report(qdq_model)
     assert report["quantized_convs"] == n_convs
-    assert report["integer_kernels"] == n_convs and report["float_convs"] == []
+    assert report["integer_kernels"] == n_convs and report["float"] == []
     assert report["kernel_ops"].get("QLinearConv", 0) > 0
     assert report["method"] == "weight name"
     assert integer_conv_report(fp32_model)["quantized_convs"] == 0
+
+
+def test_integer_conv_report_on_a_given_optimized_graph(qdq_model, tmp_path):
+    from onnxq.backends.ort.runner import create_session, session_options
+    import onnxruntime as ort
+
+    # A graph saved with optimizations off keeps float Convs: the report must say so.
+    plain = tmp_path / "plain.onnx"
+    create_session(qdq_model, session_options(level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, optimized_path=plain))
+    report = integer_conv_report(qdq_model, plain)
+    assert report["quantized_convs"] > 0 and report["integer_kernels"] == 0
+    assert len(report["float"]) == report["quantized_convs"]
+    fused = integer_conv_report(qdq_model, optimize(qdq_model, tmp_path / "fused.onnx"))
+    assert fused["integer_kernels"] == fused["quantized_convs"]
 
 
 # ---- OpenVINO build ------------------------------------------------------------------------------

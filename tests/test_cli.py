@@ -94,7 +94,7 @@ def test_compare_model_against_itself(tmp_path):
     (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--bits", "W3A3"], 2, "--bits"),
     (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--exclude", "nothing-matches"], 2, "matches no"),
     (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--mean", "1,2"], 2, "three numbers"),
-    (["quantize", "MODEL", "OUT.onnx", "--calib", "EMPTY"], 1, "no images"),
+    (["quantize", "MODEL", "OUT.onnx", "--calib", "EMPTY"], 1, "no image"),
     (["eval", "MODEL", "--data", "EMPTY"], 1, "annotation"),
 ])
 def test_errors_are_one_line_with_exit_codes(tmp_path, args, code, needle):

@@ -86,7 +86,7 @@ def test_post_silu_inputs_are_one_sided_and_conv_outputs_are_not():
     inputs = [s for s in plan.activations.values() if s.role == "input"]
     outputs = [s for s in plan.activations.values() if s.role == "output"]
     assert inputs and all(s.one_sided for s in inputs if s.tensor.endswith(".silu"))  # written by SiLU
-    assert not any(s.one_sided for s in inputs if s.tensor.endswith((".cat", ".add")))  # merged branches: MinMax
+    assert not any(s.direct for s in inputs if s.tensor.endswith((".cat", ".add")))  # merged branches
     assert outputs and not any(s.one_sided for s in outputs)  # pre-activation Conv outputs are two-sided
 
 

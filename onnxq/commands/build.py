@@ -37,11 +37,11 @@ def _build_ort(model, out):
     counts = op_counts(path)
     print(f"onnxq build: onnxruntime optimized graph written to {path}")
     print_table(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])), ["op", "count"])
-    report = integer_conv_report(model)
+    report = integer_conv_report(model, path)
     if report["quantized_convs"]:
         print(f"\nquantized Convs running as integer kernels: {report['integer_kernels']} of "
               f"{report['quantized_convs']} (matched by {report['method']})")
-        for name in report["float_convs"]:
+        for name in report["float"]:
             print(f"  still float: {name}")
     return {"output": str(path), "op_counts": counts, "integer_convs": report}
 

@@ -13,6 +13,7 @@ from ..errors import UsageError
 from .graph import COMPUTE_OPS, LAYOUT_OPS, consumers, producer, weight_of
 from .head import Head, find_head
 
+_MERGE_OPS = ("Concat", "Add", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize")
 # Activations after which a tensor is one-sided (bounded below near zero): Q-YOLO's UH applies there.
 _ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Elu", "Selu",
                 "Softplus", "Mish", "Gelu")
@@ -22,8 +23,9 @@ _ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Cli
 class ActivationSite:
     tensor: str
     consumers: list | None  # node names that read the dequantized tensor; None = every consumer
-    one_sided: bool  # produced by an activation (SiLU, ReLU, ...): UH's one-sided search applies
+    one_sided: bool  # bounded below near zero: an activation's output or a merge of such outputs
     role: str = "input"  # "input" of a quantized op, "output" of one (ORT's QLinearConv), or "elementwise"
+    direct: bool = False  # written by an activation itself (not a merge of several): UH applies at 8 bits too
     share: str | None = None  # takes this tensor's parameters (ops the runtime runs in int8 only on equal scales)
 
 
@@ -58,18 +60,32 @@ def _is_silu_mul(node) -> bool:
     return False
 
 
-def is_one_sided(tensor) -> bool:
-    """True if an activation (SiLU, ReLU, ...) writes the tensor directly: where UH applies, as in Q-YOLO.
-
-    Tensors that merge or select several activations (Concat, residual Add, MaxPool) are not counted:
-    their tails come from different branches, and clipping them measurably cost mAP.
-    """
+def is_direct_activation(tensor) -> bool:
+    """An activation (SiLU, ReLU, ...) writes the tensor itself: Q-YOLO's UH applies there at any bit width."""
     p = producer(tensor)
     if p is None:
         return False
     if p.op == "Sigmoid" and all(_is_silu_mul(r) for r in p.outputs[0].outputs):
         return False  # the [0, 1] half of a SiLU: nothing to clip
     return p.op in _ACTIVATIONS or _is_silu_mul(p)
+
+
+def is_one_sided(tensor, _seen=None) -> bool:
+    """Bounded below near zero: an activation's output, or a Concat/Add/pool of such outputs."""
+    _seen = _seen if _seen is not None else set()
+    if tensor.name in _seen:
+        return True
+    _seen.add(tensor.name)
+    if is_direct_activation(tensor):
+        return True
+    p = producer(tensor)
+    if p is None:
+        return False
+    if p.op in _MERGE_OPS or p.op in LAYOUT_OPS:
+        values = [t for t in (p.inputs if p.op in ("Concat", "Add") else p.inputs[:1])
+                  if isinstance(t, gs.Variable)]
+        return bool(values) and all(is_one_sided(t, _seen) for t in values)
+    return False
 
 
 def _weight_axis(node) -> int:
@@ -156,7 +172,8 @@ def plan_quantization(graph: gs.Graph, target, keep_first=True, keep_head=True, 
         site = plan.activations.get(tensor.name)
         if site is None:
             plan.activations[tensor.name] = ActivationSite(
-                tensor.name, [consumer_name] if consumer_name else None, is_one_sided(tensor), role)
+                tensor.name, [consumer_name] if consumer_name else None, is_one_sided(tensor), role,
+                direct=is_direct_activation(tensor))
         elif consumer_name is None:
             site.consumers = None
         elif site.consumers is not None and consumer_name not in site.consumers:

@@ -61,8 +61,11 @@ def _quantized_convs(model) -> dict:
     return convs
 
 
-def integer_conv_report(qdq_model_path) -> dict:
+def integer_conv_report(qdq_model_path, optimized_path=None) -> dict:
     """Which Convs of the QDQ model onnxruntime turned into integer kernels.
+
+    optimized_path: a graph optimize() already wrote for this model; otherwise one is made
+    in a temporary folder.
 
     Matching: when onnxruntime fuses DQ(w) -> Conv into an integer kernel it feeds the
     quantized weight initializer to that kernel under its original name, so each original
@@ -72,9 +75,11 @@ def integer_conv_report(qdq_model_path) -> dict:
     check_model_file(qdq_model_path)
     qdq = onnx.load(str(qdq_model_path), load_external_data=False)
     convs = _quantized_convs(qdq)
-    with tempfile.TemporaryDirectory(prefix="onnxq-ort-") as tmp:
-        opt_path = optimize(qdq_model_path, Path(tmp) / "optimized.onnx")
-        opt = onnx.load(str(opt_path))
+    if optimized_path is not None:
+        opt = onnx.load(str(optimized_path))
+    else:
+        with tempfile.TemporaryDirectory(prefix="onnxq-ort-") as tmp:
+            opt = onnx.load(str(optimize(qdq_model_path, Path(tmp) / "optimized.onnx")))
     kernels = [n for n in opt.graph.node if n.op_type in INTEGER_CONV_OPS]
     kernel_inputs = {name for n in kernels for name in n.input}
     integer = {c: w in kernel_inputs for c, w in convs.items()}
@@ -88,6 +93,6 @@ def integer_conv_report(qdq_model_path) -> dict:
         "integer_kernels": sum(integer.values()),
         "kernel_ops": dict(collections.Counter(n.op_type for n in kernels)),
         "per_conv": integer,
-        "float_convs": sorted(c for c, ok in integer.items() if not ok),
+        "float": sorted(c for c, ok in integer.items() if not ok),
         "method": method,
     }

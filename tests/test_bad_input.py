@@ -1,0 +1,268 @@
+"""The bad-input corpus: every case gets a one-line error naming the file, the right exit code,
+no traceback and no output file (or a valid model and a warning, for odd numbers and odd images)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+import make_models as mm
+from conftest import CALIB_DIR, MODELS_DIR
+
+SMALL = MODELS_DIR / "fastestdet_352.onnx"
+
+
+def cli(*args, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "onnxq", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def one_line_error(stderr):
+    lines = [ln for ln in stderr.strip().splitlines() if ln and not ln.startswith(("note:", "warning:", "skipped"))
+             and "calibrating" not in ln]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, p in enumerate(sorted((CALIB_DIR / "images").glob("*.jpg"))[:3]):
+        (d / f"{i}.jpg").write_bytes(p.read_bytes())
+    return d
+
+
+def save(model, path):
+    onnx.save(model, str(path))
+    return path
+
+
+# ---- model input ---------------------------------------------------------------------------
+
+def _model_cases(tmp_path):
+    real = SMALL.read_bytes()
+    cases = {
+        "truncated.onnx": (real[: len(real) // 3], "not an ONNX model"),
+        "text.onnx": (b"this is not a model\n" * 10, "ONNX"),
+        "empty.onnx": (b"", "empty file"),
+    }
+    out = []
+    for name, (data, needle) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        out.append((tmp_path / name, needle, 1))
+    out.append((save(mm.no_image_input(), tmp_path / "noimage.onnx"), "no image-like input", 1))
+    out.append((save(mm.int_image_input(), tmp_path / "int64.onnx"), "INT64", 1))
+    out.append((save(mm.conv_net(dynamic=True), tmp_path / "dynamic.onnx"), "--imgsz", 2))
+    out.append((save(mm.custom_op_model(), tmp_path / "custom.onnx"), "com.example::FancyOp", 1))
+    out.append((save(mm.already_quantized(), tmp_path / "qdq.onnx"), "already quantized", 1))
+    return out
+
+
+def test_bad_models(tmp_path, images):
+    for path, needle, code in _model_cases(tmp_path):
+        out = tmp_path / "out.onnx"
+        got, _, stderr = cli("quantize", path, out, "--calib", images, "--no-progress")
+        line = one_line_error(stderr)
+        assert got == code, (path, stderr)
+        assert needle in line and path.name in line, line
+        assert not out.exists()
+
+
+def test_dynamic_size_works_with_imgsz(tmp_path, images):
+    path = save(mm.conv_net(dynamic=True), tmp_path / "dynamic.onnx")
+    code, _, stderr = cli("quantize", path, tmp_path / "q.onnx", "--calib", images, "--imgsz", "32", "--no-progress")
+    assert code == 0, stderr
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"garbage")
+    code, _, stderr = cli("quantize", bad, tmp_path / "q.onnx", "--calib", tmp_path, "--verbose")
+    assert code != 0 and "Traceback" in stderr
+
+
+def test_model_over_2gb_with_external_data(tmp_path, images):
+    # 2.1 GB of zeros in a sparse external-data file: no disk or time spent writing it
+    size = 2_100_000_000
+    model = mm.huge_model(64)
+    table = next(t for t in model.graph.initializer if t.name == "table")
+    table.ClearField("raw_data")
+    table.dims[:] = [size // 4]
+    table.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", "table.bin"), ("offset", "0"), ("length", str(size))):
+        table.external_data.add(key=k, value=v)
+    with open(tmp_path / "table.bin", "wb") as f:
+        f.truncate(size)
+    path = tmp_path / "huge.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "q.onnx"
+    code, _, stderr = cli("quantize", path, out, "--calib", images, "--no-progress")
+    assert code == 0, stderr
+    q = onnx.load(str(out))
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+
+
+# ---- calibration input ---------------------------------------------------------------------
+
+def test_missing_empty_and_unreadable_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not a jpeg at all")
+    (junk / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (junk / "notes.txt").write_text("hello")
+    for folder, needle in ((tmp_path / "missing", "no such folder"), (empty, "no image"),
+                           (junk, "could be read")):
+        out = tmp_path / "q.onnx"
+        code, _, stderr = cli("quantize", SMALL, out, "--calib", folder, "--no-progress")
+        assert code == 1, stderr
+        assert needle in one_line_error(stderr)
+        assert not out.exists()
+
+
+def _odd_images(d):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb[..., 0]).save(d / "gray.png")
+    Image.fromarray((rng.integers(0, 65535, (40, 60))).astype(np.uint16)).save(d / "sixteen.png")
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray(np.dstack([rgb, rng.integers(0, 255, (40, 60), dtype=np.uint8)])).save(d / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(d / "palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees
+    Image.fromarray(rgb).save(d / "exif.jpg", exif=exif)
+    Image.fromarray(rgb[:1, :1]).save(d / "tiny.png")
+    Image.fromarray(rgb).save(d / "ok.bmp")
+    Image.fromarray(rgb).save(d / "ok.webp")
+    good = (d / "truncated.jpg")
+    Image.fromarray(rgb).save(good)
+    good.write_bytes(good.read_bytes()[:200])
+
+
+def _bomb_png(path, side=20000):
+    """A valid PNG header announcing side x side pixels; Pillow must refuse it before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_odd_images_are_converted_and_bad_ones_skipped(tmp_path):
+    d = tmp_path / "odd"
+    d.mkdir()
+    _odd_images(d)
+    _bomb_png(d / "bomb.png")
+    (d / "loop").symlink_to(d, target_is_directory=True)  # a symlink loop must not hang the walk
+    out = tmp_path / "q.onnx"
+    code, stdout, stderr = cli("quantize", SMALL, out, "--calib", d, "--no-progress", "--report", tmp_path / "r.json")
+    assert code == 0, stderr
+    assert "bomb.png" in stderr and "decompression-bomb" in stderr
+    assert "truncated.jpg" in stderr
+    import json
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["calibration_images"] == 9  # gray, 16-bit, CMYK, RGBA, palette, EXIF, 1x1, bmp, webp
+    assert len(report["skipped_images"]) == 2
+
+
+def test_bomb_does_not_blow_memory(tmp_path):
+    import resource
+
+    from onnxq.images import ImageError, load_image
+
+    _bomb_png(tmp_path / "bomb.png")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="decompression-bomb"):
+        load_image(tmp_path / "bomb.png")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KB
+
+
+# ---- numbers -------------------------------------------------------------------------------
+
+def test_constant_zero_nan_activations_and_zero_weight_channels(tmp_path, images):
+    from onnxq.api import quantize_with_report
+
+    path = save(mm.odd_numbers_net(), tmp_path / "odd.onnx")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q, report = quantize_with_report(path, images, keep_first=True, keep_head=True, bias_correction=2)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "NaN/Inf" in messages and "all-zero output channel" in messages
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    scales = [inits[n.input[1]] for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert scales and all(np.all(np.isfinite(s)) and np.all(s > 0) for s in scales)
+    onnx.checker.check_model(q)
+
+
+# ---- output --------------------------------------------------------------------------------
+
+def test_output_paths(tmp_path, images):
+    for out, needle, code in ((tmp_path / "missing" / "q.onnx", "does not exist", 1),
+                              (tmp_path, "is a directory", 1),
+                              (SMALL, "output path is the input", 2),
+                              (tmp_path / "file.txt" / "q.onnx", "does not exist", 1),
+                              ("/proc/q.onnx", "cannot write", 1)):
+        (tmp_path / "file.txt").write_text("x")
+        got, _, stderr = cli("quantize", SMALL, out, "--calib", images, "--no-progress")
+        assert got == code, (out, stderr)
+        assert needle in one_line_error(stderr), stderr
+
+
+def test_existing_output_is_replaced_atomically(tmp_path, images):
+    out = tmp_path / "q.onnx"
+    out.write_bytes(b"old")
+    code, _, stderr = cli("quantize", SMALL, out, "--calib", images, "--no-progress")
+    assert code == 0, stderr
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "q.onnx"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_calibration_leaves_nothing(tmp_path, sig):
+    out = tmp_path / "q.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "onnxq", "quantize", str(MODELS_DIR / "yolov5n_v6.1_640.onnx"),
+                             str(out), "--calib", str(CALIB_DIR / "images")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    err = ""
+    while time.time() < deadline:  # wait until calibration has started
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            break
+        if os.path.exists(out) or any(tmp_path.iterdir()):
+            break
+        if time.time() > deadline - 110:
+            break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- determinism ---------------------------------------------------------------------------
+
+def test_byte_identical_across_runs_and_workers(tmp_path):
+    outs = []
+    for i, workers in enumerate((1, 1, 2)):
+        out = tmp_path / f"q{i}.onnx"
+        code, _, stderr = cli("quantize", SMALL, out, "--calib", CALIB_DIR / "images", "--num-images", 6,
+                              "--workers", workers, "--no-progress")
+        assert code == 0, stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]
