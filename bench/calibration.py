@@ -48,7 +48,7 @@ def run_one(kind, model, n):
         for x in batches:
             sess.run(None, {prepared.inputs.image: x})
     elif kind.startswith("onnxq"):
-        from onnxq.api import collect_stats, quantize_with_report
+        from onnxq.api import quantize_with_report
         from onnxq.calibrate import calibrate
         from onnxq.model import save_model
         import onnxq.api as api

@@ -8,7 +8,6 @@ import json
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -198,11 +197,9 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
             if on_skip:
                 on_skip(path, why)
 
-        t1 = time.perf_counter()
         st = calibrate(prepared.model, prepared.inputs, plan.calibration_tensors(), paths, pp, prepared.hash,
                        batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=skip,
                        channel_tensors=depthwise_inputs(prepared.graph).values())
-        notes_time = time.perf_counter() - t1
     t2 = time.perf_counter()
 
     report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, num_images=st.num_images, skipped=skipped,

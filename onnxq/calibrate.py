@@ -17,7 +17,6 @@ import queue
 import threading
 from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 

@@ -110,7 +110,6 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
     from .calibrate import _expose, make_session
 
     pairs = _qdq_pairs(quant_model)
-    float_names = {o.name for o in float_model.graph.output}
     float_tensors = {vi.name for vi in float_model.graph.value_info} | {n for node in float_model.graph.node for n in node.output}
     compared = sorted(t for t in pairs if t in float_tensors)
     outputs = [o.name for o in float_model.graph.output]

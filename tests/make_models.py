@@ -1,7 +1,6 @@
 """Small synthetic ONNX models for the bad-input corpus, made at test time with onnx.helper."""
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 

@@ -88,7 +88,7 @@ def test_compare_model_against_itself(tmp_path):
 
 @pytest.mark.parametrize("args,code,needle", [
     (["quantize", "MISSING.onnx", "OUT.onnx", "--calib", "IMAGES"], 1, "no such file"),
-    (["quantize", "MODEL", "OUT.onnx"], 2, "exactly one of"),
+    (["quantize", "MODEL", "OUT.onnx"], 2, "--calib DIR"),
     (["quantize", "MODEL", "MODEL", "--calib", "IMAGES"], 2, "output path is the input"),
     (["quantize", "MODEL", "/nonexistent-dir/q.onnx", "--calib", "IMAGES"], 1, "does not exist"),
     (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--bits", "W3A3"], 2, "--bits"),

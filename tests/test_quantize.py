@@ -2,7 +2,6 @@
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from conftest import CALIB_DIR, MODEL_FILES, MODELS_DIR, VAL_DIR

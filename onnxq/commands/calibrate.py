@@ -4,7 +4,6 @@ import sys
 import time
 
 from ..api import collect_stats
-from ..errors import UsageError
 from ..fileio import check_writable
 from ..model import parse_input_values
 from ..preprocess import add_preprocess_arguments, imgsz_from_args, preprocess_from_args

@@ -1,7 +1,6 @@
 """onnxq inspect in.onnx : what onnxq sees in a model and what it would quantize."""
 
 import collections
-import json
 
 import onnx
 

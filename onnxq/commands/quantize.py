@@ -7,7 +7,7 @@ from ..api import parse_bits, quantize_with_report
 from ..errors import UsageError
 from ..fileio import check_writable
 from ..model import parse_input_values, save_model
-from ..preprocess import PRESETS, add_preprocess_arguments, imgsz_from_args, preprocess_from_args
+from ..preprocess import add_preprocess_arguments, imgsz_from_args, preprocess_from_args
 from ..ranges import METHODS
 from ..targets import TARGETS
 from .common import (add_calibration_arguments, add_model_input_arguments, add_verbose, positive, print_table,
@@ -20,9 +20,13 @@ def register(sub):
                                    "Unilateral Histogram activations) into a QuantizeLinear/DequantizeLinear model.")
     p.add_argument("model", help="float ONNX model")
     p.add_argument("output", help="where to write the quantized model (written atomically)")
-    src = p.add_argument_group("calibration source (one of)")
-    src.add_argument("--calib", metavar="DIR", help="folder of calibration images (searched recursively)")
-    src.add_argument("--stats", metavar="FILE", help="statistics from `onnxq calibrate` (no images, no model run)")
+    src = p.add_argument_group("calibration source")
+    src.add_argument("--calib", metavar="DIR", help="folder of calibration images (searched recursively); with "
+                                                    "--stats, used only for bias correction")
+    src.add_argument("--stats", metavar="FILE", help="statistics from `onnxq calibrate` (no model run for ranges)")
+    src.add_argument("--bias-correction", type=int, default=32, metavar="N",
+                     help="images used to fold each quantized conv's mean output shift into its bias "
+                          "(default 32; 0 turns it off)")
     q = p.add_argument_group("quantization")
     q.add_argument("--method", choices=METHODS, default="uh",
                    help="activation ranges: uh (Q-YOLO, default), minmax, percentile, mse, entropy")
@@ -59,24 +63,21 @@ def options_from_args(args):
                 imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input),
                 num_images=positive("--num-images", args.num_images), seed=args.seed,
                 batch_size=positive("--batch", args.batch), workers=positive("--workers", args.workers),
-                threads=positive("--threads", args.threads), progress=not args.no_progress)
+                threads=positive("--threads", args.threads), progress=not args.no_progress,
+                bias_correction=max(0, args.bias_correction))
 
 
 def run(args):
     quiet_warnings(args.verbose)
-    if bool(args.calib) == bool(args.stats):
-        raise UsageError("give exactly one of --calib DIR or --stats FILE")
+    if not args.calib and not args.stats:
+        raise UsageError("give calibration images (--calib DIR) or statistics (--stats FILE)")
     if Path(args.output).resolve() == Path(args.model).resolve():
         raise UsageError(f"{args.output}: output path is the input model; choose another path")
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
     options = options_from_args(args)
-    if args.stats and options["preprocess"] is None:
-        pass  # the statistics carry their preprocessing
-    skipped = []
-    model, report = quantize_with_report(args.model, args.calib, stats=args.stats,
-                                         on_skip=lambda p, why: skipped.append((p, why)), **options)
+    model, report = quantize_with_report(args.model, args.calib, stats=args.stats, **options)
     save_model(model, args.output)
     if args.report:
         write_json(args.report, report.to_json())
