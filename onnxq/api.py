@@ -199,7 +199,7 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
         st = calibrate(prepared.model, prepared.inputs, plan.calibration_tensors(), paths, pp, prepared.hash,
                        batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=skip,
-                       channel_tensors=depthwise_inputs(prepared.graph).values())
+                       channel_tensors=[t for pair in depthwise_tensors(prepared.graph).values() for t in pair])
     t2 = time.perf_counter()
 
     report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, num_images=st.num_images, skipped=skipped,
@@ -266,36 +266,48 @@ STARVED_LEVELS = 4
 STARVED_LIMIT = 0.05  # keep the depthwise conv float when more than this share of channels starve
 
 
-def depthwise_inputs(graph) -> dict:
-    """Depthwise Conv node name -> its activation input tensor."""
+def depthwise_tensors(graph) -> dict:
+    """Depthwise Conv node name -> (its activation input, its output)."""
     out = {}
     for n in graph.nodes:
         w = n.inputs[1] if n.op == "Conv" and len(n.inputs) > 1 else None
         group = int(n.attrs.get("group", 1)) if n.op == "Conv" else 1
         if isinstance(w, gs.Constant) and group > 1 and w.values.shape[1] == 1:
-            out[n.name] = n.inputs[0].name
+            out[n.name] = (n.inputs[0].name, n.outputs[0].name)
     return out
 
 
+def _starved(tensor, act, stats):
+    chan = stats.channel_max.get(tensor)
+    if tensor not in act or chan is None or not chan.size:
+        return 0.0
+    return float(np.mean(chan < STARVED_LEVELS * act[tensor].scale))
+
+
 def _keep_starved_depthwise_float(graph, plan, act, stats, report):
-    for node_name, tensor in depthwise_inputs(graph).items():
-        if node_name not in plan.weights or tensor not in act or tensor not in stats.channel_max:
+    """Per-tensor scales starve the quiet channels of a depthwise conv's input (or, where the target
+    quantizes conv outputs, of its per-channel BN-scaled output): keep such a conv float."""
+    for node_name, (x, y) in depthwise_tensors(graph).items():
+        if node_name not in plan.weights:
             continue
-        p = act[tensor]
-        chan = stats.channel_max[tensor]
-        starved = float(np.mean(chan < STARVED_LEVELS * p.scale)) if chan.size else 0.0
+        starved = max(_starved(x, act, stats), _starved(y, act, stats))
         if starved <= STARVED_LIMIT:
             continue
         del plan.weights[node_name]
-        report.float_nodes[node_name] = (f"depthwise conv: {starved:.0%} of its input channels span fewer than "
+        report.float_nodes[node_name] = (f"depthwise conv: {starved:.0%} of its channels span fewer than "
                                          f"{STARVED_LEVELS} quantization steps")
-        site = plan.activations[tensor]
+        if y in plan.activations:  # its output stays float too
+            del plan.activations[y]
+            act.pop(y, None)
+        site = plan.activations.get(x)
+        if site is None:
+            continue
         readers = site.consumers if site.consumers is not None else [
-            n.name for n in graph.nodes if any(t is not None and t.name == tensor for t in n.inputs)]
+            n.name for n in graph.nodes if any(t is not None and t.name == x for t in n.inputs)]
         site.consumers = [c for c in readers if c != node_name]
         if not site.consumers:
-            del plan.activations[tensor]
-            del act[tensor]
+            del plan.activations[x]
+            act.pop(x, None)
 
 
 def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, calib, pp, num_images, seed, report):
@@ -368,5 +380,5 @@ def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=Non
     paths = list_images(calib, num_images=num_images, seed=seed)
     stats = calibrate(prepared.model, prepared.inputs, reusable_tensors(prepared), paths, pp, prepared.hash,
                       batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=on_skip,
-                      channel_tensors=depthwise_inputs(prepared.graph).values())
+                      channel_tensors=[t for pair in depthwise_tensors(prepared.graph).values() for t in pair])
     return stats, prepared.inputs.notes + [f"preprocessing {pp.describe()} ({source})"]
