@@ -3,7 +3,7 @@
 For yolov5n and yolov8n, with 32, 128 and 512 images (coco128 cycled), each
 configuration in its own process:
   floor        plain FP32 onnxruntime inference over the same prepared images
-  onnxq        onnxq calibrate (all statistics) + quantize --stats (uh, W8A8)
+  onnxq        onnxq quantize --calib (uh, W8A8, default ort target, bias correction on 32 images)
   onnxq-w2     the same with --workers 2
   ort-minmax / ort-percentile / ort-entropy   onnxruntime quantize_static (QDQ, per-channel)
   nncf         nncf.quantize defaults, subset_size = number of images
@@ -49,18 +49,15 @@ def run_one(kind, model, n):
             sess.run(None, {prepared.inputs.image: x})
     elif kind.startswith("onnxq"):
         from onnxq.api import quantize_with_report
-        from onnxq.calibrate import calibrate
         from onnxq.model import save_model
-        import onnxq.api as api
 
-        workers = 2 if kind == "onnxq-w2" else 1
-        # calibrate over the cycled list (the folder has 128 images)
-        prepared = api.prepare_model(model)
-        pp, _ = api.resolve_preprocess(prepared, None)
-        stats = calibrate(prepared.model, prepared.inputs, api.reusable_tensors(prepared), paths, pp, prepared.hash,
-                          workers=workers, progress=False)
-        q, _ = quantize_with_report(model, stats=stats, method="uh")
+        # the pipeline a user runs: quantize --calib (uh, W8A8, ort target, bias correction on 32 images)
         with tempfile.TemporaryDirectory() as d:
+            folder = Path(d) / "images"
+            folder.mkdir()
+            for i, p in enumerate(paths):  # the cycled list as a folder of links
+                (folder / f"{i:05d}_{p.name}").symlink_to(p.resolve())
+            q, _ = quantize_with_report(model, folder, method="uh", workers=2 if kind == "onnxq-w2" else 1)
             save_model(q, Path(d) / "q.onnx")
     elif kind.startswith("ort-"):
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static

@@ -58,7 +58,7 @@ def _feed(inputs, batch):
 
 
 def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, threads, stats, progress_cb, decode_threads,
-               channel_tensors=()):
+               channel_tensors=(), minmax_only=()):
     session = make_session(_expose(model, tensors), threads)
     pending = queue.Queue(maxsize=2)  # bounded: at most two batches of activations alive
     failure = []
@@ -70,7 +70,7 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
                 return
             try:
                 for name, value in zip(tensors, item):
-                    stats.observe(name, value)
+                    stats.observe(name, value, histogram=name not in minmax_only)
                     if name in channel_tensors:
                         stats.observe_channels(name, value)
             except BaseException as exc:  # surfaced in the main thread
@@ -102,7 +102,8 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
     return skipped
 
 
-def _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, counter, channel_tensors):
+def _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, counter, channel_tensors,
+                minmax_only):
     """Worker-process entry point: statistics of one shard of the images."""
     model = onnx.load_from_string(model_bytes)
     pp = Preprocess.from_dict(pp_dict)
@@ -113,14 +114,18 @@ def _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, thread
             counter.value += n
 
     skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, tick, decode_threads=1,
-                         channel_tensors=channel_tensors)
+                         channel_tensors=channel_tensors, minmax_only=minmax_only)
     return stats, skipped
 
 
 def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_size=None, workers=1,
-              threads=None, progress=True, on_skip=None, channel_tensors=()) -> Stats:
-    """Statistics of `tensors` over the images at `paths` (and per-channel maxima of `channel_tensors`)."""
+              threads=None, progress=True, on_skip=None, channel_tensors=(), minmax_only=()) -> Stats:
+    """Statistics of `tensors` over the images at `paths`.
+
+    Per-channel maxima are kept for `channel_tensors`; `minmax_only` tensors keep no histogram.
+    """
     channel_tensors = frozenset(channel_tensors)
+    minmax_only = frozenset(minmax_only)
     from tqdm import tqdm
 
     tensors = list(tensors)
@@ -134,10 +139,10 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
         if workers == 1:
             stats = Stats(model_hash, pp.to_dict(), inputs.hw)
             skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, bar.update,
-                                 decode_threads=2, channel_tensors=channel_tensors)
+                                 decode_threads=2, channel_tensors=channel_tensors, minmax_only=minmax_only)
         else:
             stats, skipped = _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size,
-                                                 workers, threads, bar, channel_tensors)
+                                                 workers, threads, bar, channel_tensors, minmax_only)
     finally:
         bar.close()
     for path, why in skipped:
@@ -149,7 +154,7 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
 
 
 def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size, workers, threads, bar,
-                        channel_tensors):
+                        channel_tensors, minmax_only):
     cores = os.cpu_count() or 1
     per_worker = threads or max(1, cores // workers)
     size = math.ceil(len(paths) / workers)
@@ -162,7 +167,7 @@ def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_siz
     with ProcessPoolExecutor(max_workers=len(shards), mp_context=ctx, initializer=_init_counter,
                              initargs=(counter,)) as pool:
         futures = [pool.submit(_shard_entry, model_bytes, inputs, tensors, shard, pp.to_dict(), batch_size,
-                               per_worker, model_hash, channel_tensors) for shard in shards]
+                               per_worker, model_hash, channel_tensors, minmax_only) for shard in shards]
         done = 0
         while not all(f.done() for f in futures):
             try:
@@ -191,6 +196,7 @@ def _init_counter(counter):
     _COUNTER = counter
 
 
-def _shard_entry(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, channel_tensors):
+def _shard_entry(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, channel_tensors,
+                 minmax_only):
     return _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, _COUNTER,
-                       channel_tensors)
+                       channel_tensors, minmax_only)

@@ -74,6 +74,15 @@ def _search(method, counts, lo_edge, width, mn, mx, one_sided, cfg, direct=True)
     raise ValueError(method)
 
 
+def needs_histogram(cfg: RangeConfig, one_sided: bool, direct: bool) -> bool:
+    """False where the method settles on MinMax for this tensor, so calibration can skip its histogram."""
+    if cfg.method == "minmax":
+        return False
+    if cfg.method == "uh" and cfg.a_bits == 8:
+        return one_sided and direct
+    return True
+
+
 def _clipped_fraction(counts, lo_edge, width, lo_q, hi_q):
     centres = lo_edge + (np.arange(counts.size) + 0.5) * width
     total = counts.sum()
@@ -87,13 +96,16 @@ def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True) -> R
         return None
     mn, mx = float(hist.mn), float(hist.mx)
     counts, lo_edge, width = hist.dense()
-    used, lo, hi = _search(cfg.method, counts, lo_edge, width, mn, mx, one_sided, cfg, direct)
+    if counts.size == 0:  # range-only statistics: MinMax is all there is
+        used, (lo, hi) = "minmax", search.minmax_range(mn, mx)
+    else:
+        used, lo, hi = _search(cfg.method, counts, lo_edge, width, mn, mx, one_sided, cfg, direct)
     scale, zp, qmin, qmax = search.qparams(lo, hi, cfg.a_bits, cfg.symmetric)
     scale = float(np.float32(scale))
     dtype = np.int8 if cfg.symmetric else np.uint8
     params = QParams(scale=scale, zero_point=int(zp), dtype=dtype, qmin=int(qmin), qmax=int(qmax))
     lo_q, hi_q = (qmin - zp) * scale, (qmax - zp) * scale
-    mse = float(search.quant_mse(counts, lo_edge, width, scale, zp, qmin, qmax))
+    mse = float(search.quant_mse(counts, lo_edge, width, scale, zp, qmin, qmax)) if counts.size else float("nan")
     observed_width = mx - mn
     ratio = (hi_q - lo_q) / observed_width if observed_width > 0 else 1.0
     return RangeChoice(name, used, (mn, mx), (float(lo), float(hi)), params, float(ratio),

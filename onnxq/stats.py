@@ -18,7 +18,7 @@ import onnx
 
 from .errors import OnnxqError
 from .fileio import write_bytes_atomic
-from .kernels.histogram import GridHistogram
+from .kernels.histogram import GridHistogram, batch_minmax
 
 FORMAT_VERSION = 1
 
@@ -26,6 +26,29 @@ FORMAT_VERSION = 1
 def model_hash(model: onnx.ModelProto) -> str:
     """Hash of the float graph as loaded (weights included), independent of the file's path."""
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+class MinMaxOnly:
+    """Range without a histogram, for tensors whose method needs only min and max (half the passes)."""
+
+    def __init__(self):
+        self.mn, self.mx, self.n_finite, self.n_nonfinite = np.inf, -np.inf, 0, 0
+
+    def update(self, x):
+        mn, mx, nf, nn = batch_minmax(np.ascontiguousarray(x).reshape(-1))
+        if nf:
+            self.mn, self.mx = min(self.mn, float(mn)), max(self.mx, float(mx))
+        self.n_finite += int(nf)
+        self.n_nonfinite += int(nn)
+
+    def merge(self, other):
+        out = MinMaxOnly()
+        out.mn, out.mx = min(self.mn, other.mn), max(self.mx, other.mx)
+        out.n_finite, out.n_nonfinite = self.n_finite + other.n_finite, self.n_nonfinite + other.n_nonfinite
+        return out
+
+    def dense(self):
+        return np.zeros(0), 0.0, 1.0
 
 
 @dataclass
@@ -47,10 +70,10 @@ class Stats:
         old = self.channel_max.get(name)
         self.channel_max[name] = m if old is None or old.shape != m.shape else np.maximum(old, m)
 
-    def observe(self, name, values: np.ndarray):
+    def observe(self, name, values: np.ndarray, histogram=True):
         hist = self.tensors.get(name)
         if hist is None:
-            hist = self.tensors[name] = GridHistogram()
+            hist = self.tensors[name] = GridHistogram() if histogram else MinMaxOnly()
         hist.update(np.ascontiguousarray(values).reshape(-1))
 
     def merge(self, other: "Stats") -> "Stats":
@@ -68,6 +91,8 @@ class Stats:
                      merged, self.skipped + other.skipped, channels)
 
     def save(self, path):
+        if any(isinstance(h, MinMaxOnly) for h in self.tensors.values()):
+            raise OnnxqError("statistics without histograms cannot be saved for reuse; use `onnxq calibrate`")
         arrays = {}
         names = sorted(self.tensors)
         for i, n in enumerate(names):

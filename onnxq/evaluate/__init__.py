@@ -1,0 +1,1 @@
+"""COCO evaluation: output-layout families, decoders, NMS, pycocotools scoring."""

@@ -1,42 +1,48 @@
-"""Class-aware non-maximum suppression, vectorised over the remaining boxes."""
+"""Class-aware greedy non-maximum suppression, vectorised over the remaining boxes."""
 
 import numpy as np
 
-# Ultralytics validation settings (ultralytics/engine/validator + ops.non_max_suppression)
+# Ultralytics validation settings (DetectionValidator + ops.non_max_suppression): keep every
+# (box, class) pair scoring above 0.001, suppress same-class boxes overlapping by IoU > 0.7,
+# keep at most 300 detections per image, and only the 30000 best-scoring candidates enter NMS.
 CONF_THRESHOLD = 0.001
 IOU_THRESHOLD = 0.7
 MAX_DETECTIONS = 300
-MAX_CANDIDATES = 30000  # boxes kept (best scores first) before NMS
-CLASS_OFFSET = 7680.0  # shifts each class into its own region so one pass suppresses per class
+MAX_CANDIDATES = 30000
 
 
 def box_iou(box, boxes):
-    """IoU of one xyxy box against many."""
+    """IoU of one xyxy box against many (n,4)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     x1 = np.maximum(box[0], boxes[:, 0])
     y1 = np.maximum(box[1], boxes[:, 1])
     x2 = np.minimum(box[2], boxes[:, 2])
     y2 = np.minimum(box[3], boxes[:, 3])
     inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area = max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
     return inter / np.maximum(area + areas - inter, 1e-12)
 
 
 def nms(boxes, scores, classes, iou=IOU_THRESHOLD, max_det=MAX_DETECTIONS, max_candidates=MAX_CANDIDATES):
-    """Indices kept, best score first. Boxes of different classes never suppress each other."""
+    """Indices kept, best score first. Boxes of different classes never suppress each other.
+
+    Each class is shifted into its own region of the plane (by more than the spread of all
+    the boxes), so one greedy pass over every class suppresses only within a class.
+    """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).ravel()
     classes = np.asarray(classes).ravel()
-    if scores.size == 0:
+    if scores.size == 0 or max_det <= 0:
         return np.zeros(0, dtype=np.int64)
     order = np.argsort(-scores, kind="stable")[:max_candidates]
-    shifted = boxes + (classes.astype(np.float64) * CLASS_OFFSET)[:, None]
+    finite = boxes[np.isfinite(boxes)]
+    span = (finite.max() - finite.min() + 1.0) if finite.size else 1.0
+    shifted = boxes + (classes.astype(np.float64) * span)[:, None]
     keep = []
     while order.size and len(keep) < max_det:
         i = order[0]
         keep.append(i)
         rest = order[1:]
-        if rest.size == 0:
-            break
-        order = rest[box_iou(shifted[i], shifted[rest]) <= iou]
+        order = rest[~(box_iou(shifted[i], shifted[rest]) > iou)]
     return np.asarray(keep, dtype=np.int64)

@@ -45,7 +45,8 @@ class QuantPlan:
     head: Head = field(default_factory=Head)
 
     def calibration_tensors(self):
-        return sorted(self.activations)
+        """Tensors calibration must observe: shared-parameter sites copy another tensor's range."""
+        return sorted(t for t, site in self.activations.items() if site.share is None)
 
 
 def _is_silu_mul(node) -> bool:
