@@ -4,7 +4,14 @@ from ..evaluate.families import FAMILIES
 from ..fileio import check_writable
 from ..model import parse_input_values
 from ..preprocess import add_preprocess_arguments, imgsz_from_args, preprocess_from_args
-from .common import add_model_input_arguments, add_verbose, positive, print_table, quiet_warnings, write_json
+from .common import (
+    add_model_input_arguments,
+    add_verbose,
+    positive,
+    print_table,
+    quiet_warnings,
+    write_json,
+)
 
 DESCRIPTION = """Run a float or quantized detector over the images of a COCO-format folder and score it with
 pycocotools (COCOeval 'bbox'). Ultralytics validation settings: every (box, class) pair scoring above

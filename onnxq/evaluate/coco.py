@@ -29,9 +29,11 @@ def load_ground_truth(ann):
     try:
         with quiet():
             gt = COCO(str(ann))
-        gt.dataset["images"], gt.dataset["categories"]  # noqa: B018 - both must exist
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - json or pycocotools errors on a user file, reported in one line
         raise OnnxqError(f"{ann}: not a COCO annotation file ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in ("images", "categories") if not isinstance(gt.dataset.get(k), list)]
+    if missing:
+        raise OnnxqError(f"{ann}: not a COCO annotation file (no {' or '.join(missing)} list)")
     return gt
 
 
@@ -77,7 +79,8 @@ def score(gt, dets, image_ids) -> dict:
     if not dets:
         return dict.fromkeys(names, 0.0)
     with quiet():
-        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        # loadRes adds area/id/segmentation to the dicts it is given: hand it copies
+        ev = COCOeval(gt, gt.loadRes([dict(d, bbox=list(d["bbox"])) for d in dets]), "bbox")
         ev.params.imgIds = list(image_ids)
         ev.evaluate()
         ev.accumulate()

@@ -174,9 +174,11 @@ def _indices(family, outs, b, conf):
     box = boxes[b, sel[:, 2]].astype(np.float64)
     if family.center_box:
         box = xywh_to_xyxy(box)
-    else:  # ONNX corner format: y1, x1, y2, x2 of either diagonal
-        box = np.column_stack([np.minimum(box[:, 1], box[:, 3]), np.minimum(box[:, 0], box[:, 2]),
-                               np.maximum(box[:, 1], box[:, 3]), np.maximum(box[:, 0], box[:, 2])])
+    else:
+        # Corners of either diagonal. The ONNX spec says y1, x1, y2, x2, but YOLO exporters feed x1, y1,
+        # x2, y2 (the IoU is the same either way), so x comes first here.
+        box = np.column_stack([np.minimum(box[:, 0], box[:, 2]), np.minimum(box[:, 1], box[:, 3]),
+                               np.maximum(box[:, 0], box[:, 2]), np.maximum(box[:, 1], box[:, 3])])
     score = scores[b, sel[:, 1], sel[:, 2]].astype(np.float64)
     keep = score > conf
     return box[keep], score[keep], sel[keep, 1]

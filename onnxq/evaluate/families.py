@@ -100,7 +100,7 @@ def _with_inferred_shapes(model, hw):
         o.type.tensor_type.ClearField("shape")
     try:
         m = onnx.shape_inference.infer_shapes(m)
-    except Exception:
+    except Exception:  # noqa: BLE001 - inference is a best effort here; unknown shapes stay unknown
         return output_shapes(model)
     return output_shapes(m)
 
@@ -160,7 +160,14 @@ def _detect_nanodet(outs):
 
 def _detect_single(s, hw, meta):
     """One output tensor's shape -> Family or None."""
-    if s is None or not _known(s):
+    if s is None:
+        return None
+    # detections already made: K boxes (often a dynamic dimension), 6 or 7 columns
+    if len(s) == 3 and s[2] == 6 and (s[1] is None or s[1] <= 1000 or meta.get("end2end", "").lower() == "true"):
+        return FAMILIES["nms-in-graph"]
+    if len(s) == 2 and s[1] == 7 and (s[0] is None or s[0] <= 1000):
+        return replace(FAMILIES["nms-in-graph"], layout=ROWS7, batched=False)
+    if not _known(s):
         return None
     cells = _cells(hw, STRIDES)
     if len(s) == 4 and s[1] > 5 and s[2] == hw[0] // FASTESTDET_STRIDE and s[3] == hw[1] // FASTESTDET_STRIDE:
@@ -173,10 +180,6 @@ def _detect_single(s, hw, meta):
         return replace(FAMILIES["yolox"], num_classes=s[2] - 5)
     if len(s) == 3 and s[2] == cells and s[1] > 4:
         return replace(FAMILIES["ultralytics-v8"], num_classes=s[1] - 4)
-    if len(s) == 3 and s[2] == 6 and (s[1] <= 1000 or meta.get("end2end", "").lower() == "true"):
-        return FAMILIES["nms-in-graph"]
-    if len(s) == 2 and s[1] == 7 and (s[0] is None or s[0] <= 1000):
-        return replace(FAMILIES["nms-in-graph"], layout=ROWS7, batched=False)
     return None
 
 

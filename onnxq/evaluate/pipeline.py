@@ -36,7 +36,7 @@ def resolve_preprocess(model, family, pp=None):
     stored = preprocess_from_metadata({p.key: p.value for p in model.metadata_props})
     if stored is not None:
         return stored, "model metadata"
-    return PRESETS[family.preset], f"{family.name} family preset {family.preset}"
+    return PRESETS[family.preset], f"preset {family.preset} (detected {family.name} outputs)"
 
 
 def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, family=None, imgsz=None,
