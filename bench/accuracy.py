@@ -24,12 +24,27 @@ METHODS = ["minmax", "percentile", "mse", "entropy", "uh"]
 BITS = [(8, 8), (6, 6), (4, 4)]
 
 
-def _peer_ort(model, out, method, pp, n):
+def _opset13(model, tmp_dir):
+    """The peers get the model at opset >= 13 as MODELS.md advises: per-channel Q/DQ needs `axis`."""
+    import onnx
+
+    from onnxq.passes.opset import upgrade_opset
+
+    m = onnx.load(str(model))
+    if m.opset_import[0].version >= 13:
+        return model
+    out = Path(tmp_dir) / (Path(model).stem + "_opset13.onnx")
+    onnx.save(upgrade_opset(m), str(out))
+    return out
+
+
+def _peer_ort(model, out, method, pp, n, conv_only=False):
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
     from onnxq.api import prepare_model
     from onnxq.images import iter_batches, list_images
 
+    model = _opset13(model, Path(out).parent)
     prepared = prepare_model(model)
     batches = (b.images for b in iter_batches(list_images(C.CALIB / "images", n), prepared.inputs.hw, pp))
 
@@ -39,6 +54,7 @@ def _peer_ort(model, out, method, pp, n):
             return None if x is None else {prepared.inputs.image: x}
 
     quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    op_types_to_quantize=["Conv"] if conv_only else None,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                                       "entropy": CalibrationMethod.Entropy}[method])
 
@@ -50,6 +66,7 @@ def _peer_nncf(model, out, pp, n):
     from onnxq.api import prepare_model
     from onnxq.images import iter_batches, list_images
 
+    model = _opset13(model, Path(out).parent)
     prepared = prepare_model(model)
     images = [b.images for b in iter_batches(list_images(C.CALIB / "images", n), prepared.inputs.hw, pp)]
     q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(images, lambda x: {prepared.inputs.image: x}),
@@ -67,6 +84,7 @@ def main():
                     choices=["minmax", "percentile", "entropy"],
                     help="onnxruntime calibrators (Percentile/Entropy need ~18 GB for 128 images at 640)")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peers-only", action="store_true", help="FP32 and the peers only")
     ap.add_argument("--json", default=str(C.RESULTS / "accuracy.json"))
     ap.add_argument("--plot", default=str(C.RESULTS / "accuracy.png"))
     args = ap.parse_args()
@@ -89,11 +107,11 @@ def main():
         model = C.model_path(key)
         fp32 = evaluate(key, "FP32", model)
         t0 = time.perf_counter()
-        stats, _ = collect_stats(model, C.CALIB / "images", num_images=args.images)
-        stats_path = tmp / f"{key}.npz"
-        stats.save(stats_path)
+        if not args.peers_only:
+            stats, _ = collect_stats(model, C.CALIB / "images", num_images=args.images)
+            stats_path = tmp / f"{key}.npz"
+            stats.save(stats_path)
         calib_seconds = time.perf_counter() - t0
-        pp = None
         configs = []
         methods = args.methods
         for w, a in BITS:
@@ -104,6 +122,9 @@ def main():
                                                                  symmetric=True)))
         configs.append(("onnxq uh W8A8 --target ort", dict(method="uh", target="ort")))
         configs.append(("onnxq uh W8A8 --target tensorrt", dict(method="uh", target="tensorrt")))
+        if args.peers_only:
+            configs = []
+        pp = None
         for label, opts in configs:
             q, report = quantize_with_report(model, C.CALIB / "images", stats=stats_path, num_images=args.images, **opts)
             pp = report.preprocess
@@ -111,13 +132,18 @@ def main():
             save_model(q, out)
             evaluate(key, label, out, bits=label.split()[2] if "W" in label else "")
         if not args.no_peers:
+            if pp is None:
+                from onnxq.api import prepare_model, resolve_preprocess
+                pp, _ = resolve_preprocess(prepare_model(model), None)
             for m in args.peer_methods:
-                out = tmp / f"{key}-ort-{m}.onnx"
-                try:
-                    _peer_ort(model, out, m, pp, args.images)
-                    evaluate(key, f"onnxruntime quantize_static {m}", out, bits="W8A8")
-                except Exception as exc:  # a peer failing is a result, not a crash of the table
-                    results.append({"model": key, "config": f"onnxruntime quantize_static {m}", "error": str(exc)[:200]})
+                for conv_only in (False, True):
+                    label = f"onnxruntime quantize_static {m}" + (" (Conv only)" if conv_only else " (defaults)")
+                    out = tmp / f"{key}-ort-{m}-{conv_only}.onnx"
+                    try:
+                        _peer_ort(model, out, m, pp, args.images, conv_only=conv_only)
+                        evaluate(key, label, out, bits="W8A8")
+                    except Exception as exc:  # a peer failing is a result, not a crash of the table
+                        results.append({"model": key, "config": label, "error": str(exc)[:200]})
             out = tmp / f"{key}-nncf.onnx"
             try:
                 _peer_nncf(model, out, pp, args.images)
@@ -127,7 +153,8 @@ def main():
         for r in results:
             if r["model"] == key and "map50_95" in r:
                 r["drop"] = r["map50_95"] - fp32["map50_95"]
-        print(f"{key}: calibration (all statistics, {args.images} images) {calib_seconds:.1f} s", file=sys.stderr)
+        if not args.peers_only:
+            print(f"{key}: calibration (all statistics, {args.images} images) {calib_seconds:.1f} s", file=sys.stderr)
 
     rows = [[r["model"], r["config"], f"{r['map50_95']:.2f}", f"{r['map50']:.2f}", f"{r['drop']:+.2f}"]
             if "map50_95" in r else [r["model"], r["config"], "error", "-", r["error"][:60]] for r in results]

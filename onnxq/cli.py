@@ -32,10 +32,6 @@ def build_parser():
     return parser
 
 
-class _ArgumentParserExit(Exception):
-    pass
-
-
 def _on_terminate(signum, frame):
     # SIGTERM behaves like Ctrl-C so that atomic writers clean their temporaries.
     raise KeyboardInterrupt
@@ -46,6 +42,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
     signal.signal(signal.SIGTERM, _on_terminate)
+    # a pipeline may start us with SIGINT ignored (background jobs): an interrupt must still stop us cleanly
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.handler(args) or 0
     except OnnxqError as exc:
