@@ -41,6 +41,8 @@ def make_session(model: onnx.ModelProto, threads=None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # no spinning: the histogram thread runs beside onnxruntime and needs the core spinning would burn
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     try:

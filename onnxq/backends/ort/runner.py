@@ -18,6 +18,9 @@ def session_options(threads=None, level=ort.GraphOptimizationLevel.ORT_ENABLE_AL
     opts.log_severity_level = 3  # errors only: no per-node warnings on stderr
     if threads:
         opts.intra_op_num_threads = int(threads)
+    # idle worker threads must not spin: with several sessions alive (a side-by-side benchmark, the
+    # calibration and evaluation sessions) spinning threads steal the cores of the session that runs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
     return opts
