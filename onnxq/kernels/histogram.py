@@ -156,6 +156,8 @@ def accumulate_if_inside(x, e, offset, slots):
             nn += 1
             continue
         q = v * inv
+        if q == 0.0 and v < 0.0:
+            q = -0.5  # a negative value that underflowed lies in bin -1 (as _scaled does)
         if q < lo_f or q >= hi_f:
             inside = False
             break
