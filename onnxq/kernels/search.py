@@ -348,6 +348,19 @@ def _sym_search(counts, lo_edge, width, mn, mx, bits):
 
 
 @numba.njit(cache=True, nogil=True)
+def _settled(counts, lo_edge, width, mn, mx, bits, symmetric):
+    """Shared start of the searches: (done, mn, mx, lo, hi, mse). Done when the histogram is unusable
+    (the range stays as observed) or the range is symmetric (one-parameter search over t)."""
+    mn, mx = _clean_range(mn, mx)
+    if not _usable(counts, lo_edge, width):
+        return True, mn, mx, mn, mx, 0.0
+    if symmetric:
+        t, mse = _sym_search(counts, lo_edge, width, mn, mx, bits)
+        return True, mn, mx, -t, t, mse
+    return False, mn, mx, mn, mx, 0.0
+
+
+@numba.njit(cache=True, nogil=True)
 def uh_range(counts, lo_edge, width, mn, mx, bits, symmetric=False):
     """Q-YOLO's Unilateral Histogram search: (clip_lo, clip_hi, mse).
 
@@ -358,12 +371,9 @@ def uh_range(counts, lo_edge, width, mn, mx, bits, symmetric=False):
     the negative tail costs less than the coarser step (the error model decides).
     mse is the expected squared error per value (quant_mse of the choice).
     """
-    mn, mx = _clean_range(mn, mx)
-    if not _usable(counts, lo_edge, width):
-        return mn, mx, 0.0
-    if symmetric:
-        t, mse = _sym_search(counts, lo_edge, width, mn, mx, bits)
-        return -t, t, mse
+    done, mn, mx, lo, hi, mse = _settled(counts, lo_edge, width, mn, mx, bits, symmetric)
+    if done:
+        return lo, hi, mse
     P0, P1, P2 = _prefix(counts)
     nz = _nonzero(counts)
     edges = _edges_between(lo_edge, width, max(mn, 0.0), mx)
@@ -390,12 +400,9 @@ def mse_range(counts, lo_edge, width, mn, mx, bits, symmetric):
     one-sided searches with the exact model (as in uh_range) until neither end
     moves. Symmetric: the one-parameter search over t of uh_range(symmetric=True).
     """
-    mn, mx = _clean_range(mn, mx)
-    if not _usable(counts, lo_edge, width):
-        return mn, mx, 0.0
-    if symmetric:
-        t, mse = _sym_search(counts, lo_edge, width, mn, mx, bits)
-        return -t, t, mse
+    done, mn, mx, lo, hi, mse = _settled(counts, lo_edge, width, mn, mx, bits, symmetric)
+    if done:
+        return lo, hi, mse
     P0, P1, P2 = _prefix(counts)
     nz = _nonzero(counts)
     e_low = _edges_between(lo_edge, width, mn, min(0.0, mx))
