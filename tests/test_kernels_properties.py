@@ -50,6 +50,8 @@ def _hist(parts):
 @SETTINGS
 @given(batches())
 @example(parts=[np.array([-2.92228965e+48, 0.0]), np.array([-1.87834774e-279])])  # underflow in the one-pass path
+@example(parts=[np.array([1.0], dtype=np.float32), np.array([0.0], dtype=np.float32)])  # float32 all-zero grid
+@example(parts=[np.array([0.0], dtype=np.float32)])
 def test_histogram_invariants(parts):
     h = _hist(parts)
     allv = np.concatenate(parts).astype(np.float64)

@@ -134,45 +134,53 @@ def accumulate(x, hist, e, offset):
 
 
 @numba.njit(cache=True, nogil=True)
-def accumulate_if_inside(x, e, offset, slots):
-    """One pass: histogram of x on grid (e, offset) plus its min/max, if every finite value is on the grid.
+def accumulate_finite(x, hist, e, offset):
+    """Add x to hist (in place) when every value is finite and on grid (e, offset), e >= -1022.
 
-    Returns (counts, mn, mx, n_finite, n_nonfinite, inside). Once calibration has seen a few
-    batches nearly every batch falls inside the grid, so this halves the passes over the data.
-    Four interleaved sub-histograms break the store-to-load chain when neighbouring values share
-    a bin (5x faster on activation maps). Needs e >= -1022 so that 2**-e is a double.
+    The caller has checked both (numpy's SIMD min/max), so the loop is a bare scatter: 4x faster
+    than `accumulate`. Two interleaved sub-histograms break the store-to-load chain when
+    neighbouring values share a bin.
     """
-    sub = np.zeros((4, slots), dtype=np.int64)
+    slots = hist.size
+    c0 = np.zeros(slots, dtype=np.int64)
+    c1 = np.zeros(slots, dtype=np.int64)
     inv = math.ldexp(1.0, -e)
-    lo_f = np.float64(offset)
-    hi_f = np.float64(offset + slots)
-    mn = np.inf
-    mx = -np.inf
-    nn = 0
-    inside = True
-    for i in range(x.size):
-        v = np.float64(x[i])
-        if not abs(v) < FINITE_LIMIT:
-            nn += 1
-            continue
-        q = v * inv
-        if q == 0.0 and v < 0.0:
-            q = -0.5  # a negative value that underflowed lies in bin -1 (as _scaled does)
-        if q < lo_f or q >= hi_f:
-            inside = False
-            break
-        if v < mn:
-            mn = v
-        if v > mx:
-            mx = v
-        sub[i & 3, np.int64(math.floor(q)) - offset] += 1
-    counts = sub[0] + sub[1] + sub[2] + sub[3]
-    return counts, mn, mx, x.size - nn, nn, inside
+    off = np.float64(offset)
+    n2 = x.size // 2 * 2
+    for i in range(0, n2, 2):
+        c0[np.int64(math.floor(np.float64(x[i]) * inv) - off)] += 1
+        c1[np.int64(math.floor(np.float64(x[i + 1]) * inv) - off)] += 1
+    for i in range(n2, x.size):
+        c0[np.int64(math.floor(np.float64(x[i]) * inv) - off)] += 1
+    for k in range(slots):
+        hist[k] += c0[k] + c1[k]
+
+
+def finite_minmax(x):
+    """(min, max) of a 1-D float array when all its values are finite (and below FINITE_LIMIT), else None.
+
+    numpy's min/max are SIMD and propagate NaN and Inf, so one cheap pass answers both questions.
+    """
+    if x.size == 0:
+        return None
+    mn, mx = float(x.min()), float(x.max())
+    if abs(mn) < FINITE_LIMIT and abs(mx) < FINITE_LIMIT:  # False for NaN and Inf
+        return mn, mx
+    return None
+
+
+def _bare_scatter_is_exact(dtype, e):
+    """accumulate_finite's x * 2**-e must neither leave the doubles (e < -1022) nor underflow to -0
+    for a tiny negative x (its bin is -1, not 0): never when e <= 0, and not for float32 data
+    (|x| >= 2**-149) below e = 900."""
+    return e >= -1022 and (e <= 0 or (dtype == np.float32 and e <= 900))
 
 
 def _as_batch(x):
     x = np.asarray(x)
-    if x.dtype not in (np.float32, np.float64):
+    if x.dtype == np.float16:
+        x = x.astype(np.float32)  # exact, and keeps the float32 fast path
+    elif x.dtype not in (np.float32, np.float64):
         x = x.astype(np.float64)
     return np.ascontiguousarray(x).reshape(-1)
 
@@ -201,23 +209,19 @@ class GridHistogram:
 
     def update(self, x):
         x = _as_batch(x)
-        if self.n_finite and self.e >= -1022:
-            counts, mn, mx, nf, nn, inside = accumulate_if_inside(x, self.e, self.offset, self.slots)
-            if inside:
-                new_mn, new_mx = min(self.mn, float(mn)), max(self.mx, float(mx))
-                e, offset = canonical_grid(new_mn, new_mx, self.slots)
-                if (int(e), int(offset)) == (self.e, self.offset):
-                    self.hist += counts
-                    self.mn, self.mx = new_mn, new_mx
-                    self.n_finite += int(nf)
-                    self.n_nonfinite += int(nn)
-                    return
-        mn, mx, nf, nn = batch_minmax(x)
+        fast = finite_minmax(x)
+        if fast is not None:
+            mn, mx, nf, nn = fast[0], fast[1], x.size, 0
+        else:
+            mn, mx, nf, nn = batch_minmax(x)
         self.n_nonfinite += int(nn)
         if nf == 0:
             return
         self._move_to(min(self.mn, float(mn)), max(self.mx, float(mx)))
-        accumulate(x, self.hist, self.e, self.offset)
+        if fast is not None and _bare_scatter_is_exact(x.dtype, self.e):
+            accumulate_finite(x, self.hist, self.e, self.offset)
+        else:
+            accumulate(x, self.hist, self.e, self.offset)
         self.n_finite += int(nf)
 
     def copy(self):
