@@ -4,9 +4,11 @@ Calibrate on coco128_train2017 (128 images), evaluate on coco_val2017_first128.
 One `onnxq calibrate` pass per model serves every method and bit width
 (quantize --stats), with the calibration images also used for bias correction.
 Rows: FP32; onnxq minmax/percentile/mse/entropy/uh at W8A8, W6A6, W4A4
-(asymmetric, Q-YOLO placement = --target openvino); uh symmetric at W6A6
-and W4A4; uh W8A8 for the ort target; onnxruntime quantize_static (QDQ,
-per-channel; MinMax, Percentile, Entropy) and nncf.quantize defaults.
+(asymmetric, Q-YOLO placement: Q/DQ on Conv inputs, first and head convs
+float); uh symmetric at W6A6 and W4A4; uh W8A8 for each --target's own
+placement (openvino: every conv int8; ort; tensorrt); onnxruntime
+quantize_static (QDQ, per-channel; MinMax, Percentile, Entropy) and
+nncf.quantize defaults.
 
     python bench/accuracy.py [--models yolov5n yolov8n yolox_nano] [--methods ...] [--no-peers]
 """
@@ -114,12 +116,15 @@ def main():
         calib_seconds = time.perf_counter() - t0
         configs = []
         methods = args.methods
+        # the method rows use Q-YOLO's placement: Q/DQ on Conv inputs, first and head convs float
+        qyolo = dict(target="openvino", keep_first=True, keep_head=True)
         for w, a in BITS:
             for m in methods:
-                configs.append((f"onnxq {m} W{w}A{a}", dict(method=m, w_bits=w, a_bits=a, target="openvino")))
+                configs.append((f"onnxq {m} W{w}A{a}", dict(method=m, w_bits=w, a_bits=a, **qyolo)))
         for w, a in [(6, 6), (4, 4)]:
-            configs.append((f"onnxq uh W{w}A{a} symmetric", dict(method="uh", w_bits=w, a_bits=a, target="openvino",
-                                                                 symmetric=True)))
+            configs.append((f"onnxq uh W{w}A{a} symmetric", dict(method="uh", w_bits=w, a_bits=a, symmetric=True,
+                                                                 **qyolo)))
+        configs.append(("onnxq uh W8A8 --target openvino", dict(method="uh", target="openvino")))
         configs.append(("onnxq uh W8A8 --target ort", dict(method="uh", target="ort")))
         configs.append(("onnxq uh W8A8 --target tensorrt", dict(method="uh", target="tensorrt")))
         if args.peers_only:

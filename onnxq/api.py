@@ -139,7 +139,7 @@ def resolve_preprocess(prepared: Prepared, explicit: Preprocess | None, explicit
 
 
 def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8, a_bits=8, symmetric=None,
-                         percentile=99.99, target="ort", keep_first=True, keep_head=True, exclude=(),
+                         percentile=99.99, target="ort", keep_first=None, keep_head=None, exclude=(),
                          preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
                          batch_size=None, workers=1, threads=None, progress=False, on_skip=None,
                          bias_correction=32):
@@ -147,6 +147,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
     bias_correction: number of calibration images used to fold each quantized Conv's mean output
     shift into its bias (0 disables it). It needs images, so with `stats` alone it is skipped.
+    keep_first / keep_head: keep the first conv / the head's output convs float (None: the target's
+    default; Q-YOLO keeps both).
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -167,6 +169,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
     prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
     notes.extend(prepared.inputs.notes)
+    keep_first = not tgt.quantize_first if keep_first is None else keep_first
+    keep_head = not tgt.quantize_head if keep_head is None else keep_head
     plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
     if not plan.weights:
         raise OnnxqError(f"{prepared.name}: nothing to quantize (no Conv/ConvTranspose/MatMul/Gemm outside the "

@@ -21,14 +21,11 @@ from .calibrate import _expose, _feed, make_session
 
 
 def _channel_sums(x: np.ndarray):
-    """Per-channel sums of an [N, C, ...] tensor and the count per channel.
-
-    Rows are summed in their own dtype (numpy's pairwise sum keeps float32 accurate) and only the
-    N*C row sums go to float64: casting the whole tensor first cost half the correction pass.
-    """
+    """Per-channel float64 sums of an [N, C, ...] tensor and the count per channel (rows summed in place,
+    no transposed copy)."""
     n, c = x.shape[0], x.shape[1]
     rows = x.reshape(n * c, -1)
-    return rows.sum(axis=1).astype(np.float64).reshape(n, c).sum(axis=0), n * rows.shape[1]
+    return rows.sum(axis=1, dtype=np.float64).reshape(n, c).sum(axis=0), n * rows.shape[1]
 
 
 def measure_input_means(quant_model, pairs, inputs, batches):

@@ -108,3 +108,24 @@ def test_errors_are_one_line_with_exit_codes(tmp_path, args, code, needle):
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert needle in lines[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], (None, None)),                                  # the target decides
+    (["--quantize-first", "--quantize-head"], (False, False)),
+    (["--keep-first", "--keep-head"], (True, True)),
+])
+def test_first_and_head_flags_reach_the_api(flags, expected):
+    from onnxq.cli import build_parser
+    from onnxq.commands.quantize import options_from_args
+
+    args = build_parser().parse_args(["quantize", "in.onnx", "out.onnx", "--calib", "d", *flags])
+    opts = options_from_args(args)
+    assert (opts["keep_first"], opts["keep_head"]) == expected
+
+
+def test_keep_and_quantize_first_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error
+        main(["quantize", "in.onnx", "out.onnx", "--calib", "d", "--keep-first", "--quantize-first"])
+    assert exit_.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err

@@ -125,6 +125,46 @@ def test_openvino_runs_the_quantized_convs_in_u8(tmp_path):
     assert not [r for r in runtime_precisions(path) if r["precision"] in ("u8", "i8")]
 
 
+def test_openvino_target_runs_every_conv_int8_and_quantizes_the_image_exactly(tmp_path):
+    """--target openvino quantizes the first and head convs too; YOLOX's Focus stem reads the image through
+    Slices and a Concat, so the image itself is quantized (0-255 pixels: scale 1, zero-point 0, exact) and
+    the stem's Concat keeps its parameters, and OpenVINO runs the Slices in int8."""
+    from onnxq.backends.openvino import runtime_precisions
+
+    path = MODELS_DIR / "yolox_nano_416.onnx"
+    q, report = quantize_with_report(path, CALIB_DIR / "images", num_images=2, bias_correction=0, target="openvino")
+    assert not [why for why in report.float_nodes.values() if "first layer" in why or "head output" in why]
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    quant = {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    image = quant[q.graph.input[0].name]
+    assert float(inits[image.input[1]]) == 1.0 and int(inits[image.input[2]]) == 0
+    stem = next(n for n in q.graph.node if n.op_type == "Concat" and "stem" in n.name)
+    stem_q = quant[stem.output[0]]
+    assert [float(inits[stem_q.input[1]]), int(inits[stem_q.input[2]])] == [1.0, 0]
+    qpath = save_model(q, tmp_path / "q.onnx")
+    rows = runtime_precisions(qpath, layers=("Convolution", "GroupConvolution", "StridedSlice"))
+    convs = [r for r in rows if r["type"] != "StridedSlice"]
+    starved = [n for n, why in report.float_nodes.items() if why.startswith("depthwise")]
+    assert sum(r["precision"] not in ("u8", "i8") for r in convs) == len(starved)
+    slices = [r for r in rows if r["type"] == "StridedSlice"]
+    assert slices and all(r["precision"] in ("u8", "i8") for r in slices)
+
+
+@pytest.mark.parametrize("target, keep_first, keep_head, float_first, float_head", [
+    ("ort", None, None, True, True),          # Q-YOLO placement
+    ("openvino", None, None, False, False),   # OpenVINO's default: every conv int8
+    ("openvino", True, True, True, True),     # --keep-first --keep-head
+    ("ort", False, False, False, False),      # --quantize-first --quantize-head
+])
+def test_first_and_head_convs_follow_the_target_unless_told(target, keep_first, keep_head, float_first, float_head):
+    path = MODELS_DIR / "yolov5n_v6.1_640.onnx"
+    _, report = quantize_with_report(path, CALIB_DIR / "images", num_images=1, bias_correction=0, target=target,
+                                     keep_first=keep_first, keep_head=keep_head)
+    why = list(report.float_nodes.values())
+    assert sum("first layer" in w for w in why) == (1 if float_first else 0)
+    assert sum("head output" in w for w in why) == (3 if float_head else 0)
+
+
 def test_tensorrt_target_is_symmetric_with_residual_adds_quantized(tmp_path):
     path = MODELS_DIR / "yolov5n_v6.1_640.onnx"
     q, report = quantize_with_report(path, CALIB_DIR / "images", num_images=2, bias_correction=0, target="tensorrt")

@@ -40,8 +40,16 @@ def register(sub):
     q.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
     q.add_argument("--target", choices=sorted(TARGETS), default="ort",
                    help="Q/DQ placement for this runtime's integer kernels (default ort)")
-    q.add_argument("--quantize-first", action="store_true", help="also quantize the first conv (reads the image)")
-    q.add_argument("--quantize-head", action="store_true", help="also quantize the head's output convs")
+    first = q.add_mutually_exclusive_group()
+    first.add_argument("--quantize-first", dest="keep_first", action="store_false", default=None,
+                       help="quantize the first conv, which reads the image (default for --target openvino)")
+    first.add_argument("--keep-first", dest="keep_first", action="store_true",
+                       help="keep the first conv float (Q-YOLO; default for ort and tensorrt)")
+    head = q.add_mutually_exclusive_group()
+    head.add_argument("--quantize-head", dest="keep_head", action="store_false", default=None,
+                      help="quantize the head's output convs (default for --target openvino)")
+    head.add_argument("--keep-head", dest="keep_head", action="store_true",
+                      help="keep the head's output convs float (Q-YOLO; default for ort and tensorrt)")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME|REGEX",
                    help="keep these nodes (or nodes writing these tensors) in float; repeatable")
     q.add_argument("--report", metavar="FILE.json", help="write every quantized tensor's range, scale, zero-point, "
@@ -58,8 +66,8 @@ def options_from_args(args):
     w_bits, a_bits = parse_bits(args.bits) if args.bits else (args.w_bits, args.a_bits)
     explicit_pp, _ = preprocess_from_args(args, default=None)
     return dict(method=args.method, w_bits=w_bits, a_bits=a_bits, symmetric=args.symmetric,
-                percentile=args.percentile, target=args.target, keep_first=not args.quantize_first,
-                keep_head=not args.quantize_head, exclude=args.exclude, preprocess=explicit_pp,
+                percentile=args.percentile, target=args.target, keep_first=args.keep_first,
+                keep_head=args.keep_head, exclude=args.exclude, preprocess=explicit_pp,
                 imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input),
                 num_images=positive("--num-images", args.num_images), seed=args.seed,
                 batch_size=positive("--batch", args.batch), workers=positive("--workers", args.workers),

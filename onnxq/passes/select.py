@@ -188,6 +188,9 @@ def plan_quantization(graph: gs.Graph, target, keep_first=True, keep_head=True, 
         plan.weights[node.name] = WeightSite(node.name, w.name, _weight_axis(node), bias.name if bias is not None else None)
         add_site(node.inputs[0], node.name, "input")
 
+    if not keep_first:
+        _quantize_image_input(graph, quantized, plan, add_site, graph_inputs)
+
     if target.quantize_conv_outputs:
         for node in quantized:
             out = node.outputs[0]
@@ -218,6 +221,38 @@ def plan_quantization(graph: gs.Graph, target, keep_first=True, keep_head=True, 
                 for v in values:
                     add_site(v, node.name, "input")
     return plan
+
+
+# Ops that pass values through unchanged (a Focus/space-to-depth stem is Slices and a Concat)
+_PASS_THROUGH = ("Slice", "Concat", "Split", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity",
+                 "SpaceToDepth", "DepthToSpace")
+
+
+def _quantize_image_input(graph, quantized, plan, add_site, graph_inputs):
+    """Quantize the image itself where the first conv reads it through layout ops only (YOLOX's Focus stem):
+    the ops between then run in int8 too. The conv's own input keeps the image's parameters (exact: the
+    same values)."""
+    for node in quantized:
+        x = node.inputs[0]
+        if x.name in graph_inputs or x.name not in plan.activations:
+            continue
+        sources, stack, seen, ok = set(), [x], set(), True
+        while stack and ok:
+            t = stack.pop()
+            if t.name in seen:
+                continue
+            seen.add(t.name)
+            if t.name in graph_inputs:
+                sources.add(t.name)
+                continue
+            p = producer(t)
+            ok = p is not None and p.op in _PASS_THROUGH
+            if ok:
+                stack.extend(v for v in p.inputs if isinstance(v, gs.Variable))
+        if ok and len(sources) == 1:
+            image = next(t for t in graph.inputs if t.name in sources)
+            add_site(image, None, "input")
+            plan.activations[x.name].share = image.name
 
 
 # Ops that only select or move values: their output takes the input's parameters, so the runtime drops

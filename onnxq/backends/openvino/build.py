@@ -54,15 +54,17 @@ def _rt(info, key):
     return str(info[key].astype(str)) if key in info else ""
 
 
-def runtime_precisions(model_path, precision="f32") -> list:
-    """For each convolution / matmul of the compiled CPU model: name, layer type, runtime precision, kernel."""
+def runtime_precisions(model_path, precision="f32", layers=None) -> list:
+    """For each convolution / matmul (or each layer of the types in `layers`) of the compiled CPU model:
+    name, layer type, runtime precision, kernel."""
+    layers = REPORTED_LAYERS if layers is None else layers
     check_model_file(model_path, allow_ir=True)
     compiled = compile_model(model_path, precision=precision)
     rows = []
     for op in compiled.get_runtime_model().get_ops():
         info = op.get_rt_info()
         layer = _rt(info, "layerType") or op.get_type_name()
-        if layer in REPORTED_LAYERS:
+        if layer in layers:
             rows.append({"name": op.get_friendly_name(), "type": layer,
                          "precision": _rt(info, "runtimePrecision"), "kernel": _rt(info, "primitiveType"),
                          "original": _rt(info, "originalLayersNames")})
