@@ -150,6 +150,30 @@ def test_openvino_target_runs_every_conv_int8_and_quantizes_the_image_exactly(tm
     assert slices and all(r["precision"] in ("u8", "i8") for r in slices)
 
 
+def test_openvino_target_leaves_no_float_islands_between_int8_layers(tmp_path):
+    """YOLOv8's C2f blocks split, add and concatenate feature maps between convs: with --target openvino
+    OpenVINO runs all of it in int8; only the decode tail (and the image's own FakeQuantize) stay f32."""
+    from onnxq.api import prepare_model
+    from onnxq.backends.openvino import runtime_precisions
+    from onnxq.passes.head import find_head
+
+    path = MODELS_DIR / "yolov8n_from-int8_640.onnx"
+    q, _ = quantize_with_report(path, CALIB_DIR / "images", num_images=2, bias_correction=0, target="openvino")
+    tail = find_head(prepare_model(path).graph).tail
+    image_q = {n.name for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == q.graph.input[0].name}
+    nodes = {n.name for n in q.graph.node}
+    rows = runtime_precisions(save_model(q, tmp_path / "q.onnx"),
+                              layers=("Convolution", "Split", "Concatenation", "Eltwise", "Pooling", "Interpolate",
+                                      "Subgraph"))
+    int8 = [r for r in rows if r["precision"] in ("u8", "i8")]
+    assert {"Convolution", "Split", "Concatenation", "Eltwise", "Pooling", "Interpolate"} <= {r["type"] for r in int8}
+    for r in rows:
+        if r in int8:
+            continue
+        named = [n for n in r["original"].split(",") if n in nodes]
+        assert all(n in tail or n in image_q for n in named), r
+
+
 @pytest.mark.parametrize("target, keep_first, keep_head, float_first, float_head", [
     ("ort", None, None, True, True),          # Q-YOLO placement
     ("openvino", None, None, False, False),   # OpenVINO's default: every conv int8

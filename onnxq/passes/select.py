@@ -191,6 +191,9 @@ def plan_quantization(graph: gs.Graph, target, keep_first=True, keep_head=True, 
     if not keep_first:
         _quantize_image_input(graph, quantized, plan, add_site, graph_inputs)
 
+    if target.int8_merges:
+        _quantize_merges(graph, plan, target, add_site)
+
     if target.quantize_conv_outputs:
         for node in quantized:
             out = node.outputs[0]
@@ -221,6 +224,57 @@ def plan_quantization(graph: gs.Graph, target, keep_first=True, keep_head=True, 
                 for v in values:
                     add_site(v, node.name, "input")
     return plan
+
+
+def _is_feature_map(t) -> bool:
+    return isinstance(t, gs.Variable) and t.shape is not None and len(t.shape) == 4
+
+
+def _quantize_merges(graph, plan, target, add_site):
+    """Quantize both sides of residual Adds and every input of Concats, and the tensor before a Split of
+    quantized pieces, for all their readers (layers kept float still read the float tensor, see below).
+
+    Only merges of 4-D feature maps outside the decode tail that lead to a quantized compute op.
+    """
+    for node in graph.nodes:
+        if node.op not in target.int8_merges or node.name in plan.head.tail:
+            continue
+        values = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        if len(values) < 2 or not all(_is_feature_map(v) for v in values):
+            continue
+        if node.op == "Add" and len(values) != len(node.inputs):
+            continue  # a bias add, not a residual one
+        if not _feeds_quantized_compute(node.outputs[0], plan):
+            continue
+        for v in values:
+            add_site(v, None, "input")
+    # The pieces keep Q/DQ pairs with the tensor's own parameters (exact) so that their Convs still
+    # see a FakeQuantize; the Split itself then runs int8.
+    for node in graph.nodes:
+        if node.op != "Split" or node.name in plan.head.tail or not _is_feature_map(node.inputs[0]):
+            continue
+        pieces = [o.name for o in node.outputs]
+        if not all(p in plan.activations for p in pieces):
+            continue
+        add_site(node.inputs[0], None, "input")
+        for p in pieces:
+            plan.activations[p].share = node.inputs[0].name
+    for site in plan.activations.values():
+        site.consumers = None
+
+
+def _feeds_quantized_compute(tensor, plan, depth=4) -> bool:
+    """The tensor reaches a quantized compute op through at most `depth` merge/layout ops."""
+    stack = [(tensor, 0)]
+    while stack:
+        t, d = stack.pop()
+        for reader in t.outputs:
+            if reader.name in plan.weights:
+                return True
+            if d < depth and reader.name not in plan.head.tail and (reader.op in _MERGE_OPS
+                                                                     or reader.op in LAYOUT_OPS):
+                stack.extend((o, d + 1) for o in reader.outputs)
+    return False
 
 
 # Ops that pass values through unchanged (a Focus/space-to-depth stem is Slices and a Concat)
