@@ -117,7 +117,7 @@ def main():
         configs = []
         methods = args.methods
         # the method rows use Q-YOLO's placement: Q/DQ on Conv inputs, first and head convs float
-        qyolo = dict(target="openvino", keep_first=True, keep_head=True)
+        qyolo = dict(target="qyolo")
         for w, a in BITS:
             for m in methods:
                 configs.append((f"onnxq {m} W{w}A{a}", dict(method=m, w_bits=w, a_bits=a, **qyolo)))

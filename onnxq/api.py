@@ -169,8 +169,6 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
     prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
     notes.extend(prepared.inputs.notes)
-    keep_first = not tgt.quantize_first if keep_first is None else keep_first
-    keep_head = not tgt.quantize_head if keep_head is None else keep_head
     plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
     if not plan.weights:
         raise OnnxqError(f"{prepared.name}: nothing to quantize (no Conv/ConvTranspose/MatMul/Gemm outside the "

@@ -175,7 +175,8 @@ def test_openvino_target_leaves_no_float_islands_between_int8_layers(tmp_path):
 
 
 @pytest.mark.parametrize("target, keep_first, keep_head, float_first, float_head", [
-    ("ort", None, None, True, True),          # Q-YOLO placement
+    ("ort", None, None, True, True),          # Q-YOLO's choice
+    ("qyolo", None, None, True, True),
     ("openvino", None, None, False, False),   # OpenVINO's default: every conv int8
     ("openvino", True, True, True, True),     # --keep-first --keep-head
     ("ort", False, False, False, False),      # --quantize-first --quantize-head
@@ -187,6 +188,19 @@ def test_first_and_head_convs_follow_the_target_unless_told(target, keep_first, 
     why = list(report.float_nodes.values())
     assert sum("first layer" in w for w in why) == (1 if float_first else 0)
     assert sum("head output" in w for w in why) == (3 if float_head else 0)
+
+
+def test_qyolo_target_quantizes_conv_inputs_only():
+    path = MODELS_DIR / "yolov8n_from-int8_640.onnx"
+    q, report = quantize_with_report(path, CALIB_DIR / "images", num_images=1, bias_correction=0, target="qyolo")
+    readers = {}
+    for n in q.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    inits = {i.name for i in q.graph.initializer}
+    activation_dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits]
+    assert len(activation_dq) == len(report.activations) > 50
+    assert all(set(readers[n.output[0]]) == {"Conv"} for n in activation_dq)
 
 
 def test_tensorrt_target_is_symmetric_with_residual_adds_quantized(tmp_path):

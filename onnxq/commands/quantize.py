@@ -39,7 +39,8 @@ def register(sub):
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric activations (uint8)")
     q.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
     q.add_argument("--target", choices=sorted(TARGETS), default="ort",
-                   help="Q/DQ placement for this runtime's integer kernels (default ort)")
+                   help="Q/DQ placement for this runtime's integer kernels (default ort); qyolo is the "
+                        "paper's placement (Conv inputs only, first and head convs float): the most accurate")
     first = q.add_mutually_exclusive_group()
     first.add_argument("--quantize-first", dest="keep_first", action="store_false", default=None,
                        help="quantize the first conv, which reads the image (default for --target openvino)")

@@ -133,7 +133,10 @@ def _excluded(node, compiled) -> str | None:
     return None
 
 
-def plan_quantization(graph: gs.Graph, target, keep_first=True, keep_head=True, exclude=()) -> QuantPlan:
+def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, exclude=()) -> QuantPlan:
+    """keep_first / keep_head: keep the first conv / the head's output convs float (None: the target's choice)."""
+    keep_first = not target.quantize_first if keep_first is None else keep_first
+    keep_head = not target.quantize_head if keep_head is None else keep_head
     head = find_head(graph)
     plan = QuantPlan(head=head)
     uses = consumers(graph)

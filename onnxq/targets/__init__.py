@@ -52,6 +52,12 @@ TARGETS = {
         description="OpenVINO: Q/DQ (FakeQuantize) on Conv inputs, first and head convs included, and on the "
                     "inputs of residual Adds, Concats and Splits, read by every consumer; LPT runs them in u8/i8",
     ),
+    "qyolo": Target(
+        name="qyolo",
+        quantize_conv_outputs=False,
+        description="Q-YOLO's placement, the most accurate: Q/DQ on Conv inputs only, first and head convs "
+                    "float; any QDQ runtime runs it (OpenVINO runs its Convs in u8)",
+    ),
     "tensorrt": Target(
         name="tensorrt",
         quantize_conv_outputs=False,
