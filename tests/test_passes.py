@@ -63,7 +63,7 @@ def test_yolov8_dfl_conv_is_decode_arithmetic():
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_plan_keeps_first_and_head_float_and_nothing_in_tail(prepared, target):
-    plan = plan_quantization(prepared.graph, get_target(target))
+    plan = plan_quantization(prepared.graph, get_target(target), keep_first=True, keep_head=True)
     reasons = list(plan.float_nodes.values())
     assert sum("first layer" in r for r in reasons) >= 1
     assert sum("head output" in r for r in reasons) == len(plan.head.output_convs)
@@ -103,10 +103,10 @@ def test_exclude_by_name_and_regex(prepared):
         plan_quantization(prepared.graph, get_target("openvino"), exclude=["(unclosed"])
 
 
-def test_qdq_insertion_one_pair_per_tensor_and_float_consumers_untouched():
+def test_qdq_insertion_one_pair_per_tensor_and_float_consumers_untouched():  # Q-YOLO placement
     prepared = prepare_model(MODELS_DIR / "yolov5n_v6.1_640.onnx")
     graph = prepared.graph.copy()
-    plan = plan_quantization(graph, get_target("openvino"))
+    plan = plan_quantization(graph, get_target("qyolo"))
     act = {t: QParams(0.05, 6, np.uint8, 0, 255) for t in plan.activations}
     out = to_model(insert_qdq(graph, plan, act, {}), prepared.source)
     onnx.checker.check_model(out)
