@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from . import __version__
 from .errors import OnnxqError, UsageError
 from .model import find_inputs, infer_shapes, load_model
-from .passes.fold import fold_constants, name_nodes
+from .passes.fold import fold_constants, name_nodes, untie_shared_weights
 from .passes.graph import to_graph, to_model
 from .passes.opset import upgrade_opset
 from .passes.qdq import insert_qdq
@@ -109,7 +109,7 @@ def prepare_model(model_or_path, imgsz=None, input_values=None) -> Prepared:
         source = load_model(model_or_path)
     inputs = find_inputs(source, imgsz=imgsz, input_values=input_values, path=name)
     upgraded = infer_shapes(upgrade_opset(source))
-    graph = name_nodes(fold_constants(to_graph(upgraded)))
+    graph = untie_shared_weights(name_nodes(fold_constants(to_graph(upgraded))))
     model = to_model(graph, source)
     return Prepared(source, model, graph, inputs, model_hash(source), name)
 

@@ -226,3 +226,14 @@ def test_bias_correction_is_deterministic_and_changes_biases(tmp_path):
     c, _ = quantize_with_report(path, CALIB_DIR / "images", num_images=4, bias_correction=0)
     assert a.SerializeToString() == b.SerializeToString()
     assert a.SerializeToString() != c.SerializeToString()
+
+
+def test_shared_head_weights_are_untied_before_quantizing():
+    """Yolo-FastestV2 runs one set of head-conv weights over two scales: each use gets its own quantized
+    weight, int32 bias (its input scale differs) and bias correction, and every tensor one producer."""
+    path = MODELS_DIR / "yolo-fastestv2_352.onnx"
+    q, _ = quantize_with_report(path, CALIB_DIR / "images", num_images=2, bias_correction=2, target="openvino")
+    outputs = [o for n in q.graph.node for o in n.output]
+    assert len(outputs) == len(set(outputs))
+    head = [n for n in q.graph.node if n.op_type == "Conv" and n.input[1].startswith("output_cls_layers.weight")]
+    assert len(head) == 2 and head[0].input[2] != head[1].input[2]

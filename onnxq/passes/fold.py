@@ -28,3 +28,24 @@ def name_nodes(graph: gs.Graph) -> gs.Graph:
         node.name = name
         seen.add(name)
     return graph
+
+
+def untie_shared_weights(graph: gs.Graph, ops=("Conv", "ConvTranspose", "MatMul", "Gemm")) -> gs.Graph:
+    """Give each compute node its own copy of a weight or bias that several nodes share.
+
+    Yolo-FastestV2 runs one head conv's weights over two scales: quantized, each use needs its own
+    int32 bias (the input scales differ) and its own bias correction, and one tensor name per DQ output.
+    """
+    users = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant):
+                users.setdefault(t.name, []).append(node)
+    for node in graph.nodes:
+        if node.op not in ops:
+            continue
+        for i, t in enumerate(node.inputs):
+            if i == 0 or not isinstance(t, gs.Constant) or len(users.get(t.name, ())) < 2:
+                continue
+            node.inputs[i] = gs.Constant(f"{t.name}_{node.name}", t.values.copy())
+    return graph
