@@ -80,7 +80,9 @@ def run(args):
     print(f"ops        {ops}")
     tail = info["decode_tail"]
     print(f"decode tail (float): {tail['nodes']} nodes: " + ", ".join(f"{k} {v}" for k, v in tail["ops"].items()))
-    print(f"head output convs (float): {', '.join(tail['head_output_convs'])}")
+    head_float = all(c in info["float_compute_ops"] for c in tail["head_output_convs"])
+    print(f"head output convs ({'float' if head_float else 'quantized by this target'}): "
+          f"{', '.join(tail['head_output_convs'])}")
     if tail["decode_compute_ops"]:
         print(f"decode compute ops (float): {', '.join(tail['decode_compute_ops'])}")
     acts = info["quantized_activations"]
