@@ -1,7 +1,6 @@
 """The bad-input corpus: every case gets a one-line error naming the file, the right exit code,
 no traceback and no output file (or a valid model and a warning, for odd numbers and odd images)."""
 
-import os
 import signal
 import subprocess
 import sys
