@@ -37,6 +37,8 @@ def atomic_path(path):
     try:
         yield Path(tmp)
         try:
+            # mkstemp makes the file private (0600); give it the mode any new file would get
+            os.chmod(tmp, _new_file_mode(path))
             os.replace(tmp, path)
         except OSError as exc:
             raise OnnxqError(f"{path}: cannot write there ({exc.strerror or exc})") from None
@@ -44,6 +46,16 @@ def atomic_path(path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _new_file_mode(path) -> int:
+    """The replaced file's mode, or 0666 less the umask for a new file."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def write_bytes_atomic(path, data: bytes):

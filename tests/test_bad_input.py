@@ -1,6 +1,7 @@
 """The bad-input corpus: every case gets a one-line error naming the file, the right exit code,
 no traceback and no output file (or a valid model and a warning, for odd numbers and odd images)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -229,6 +230,24 @@ def test_existing_output_is_replaced_atomically(tmp_path, images):
     assert code == 0, stderr
     onnx.checker.check_model(onnx.load(str(out)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "q.onnx"]
+
+
+def test_atomic_output_gets_a_normal_file_mode(tmp_path):
+    """The temporary file is private (0600); the output must not be: others deploy it."""
+    from onnxq.fileio import write_bytes_atomic
+
+    old = os.umask(0o022)
+    try:
+        fresh = tmp_path / "new.bin"
+        write_bytes_atomic(fresh, b"x")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.bin"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        write_bytes_atomic(kept, b"new")
+        assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_bytes() == b"new"
+    finally:
+        os.umask(old)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
