@@ -14,6 +14,8 @@ error is corrected: correcting each layer for what the layers before it did,
 all at once, over-corrects (measured). Means stream batch by batch.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -29,12 +31,15 @@ def _channel_sums(x: np.ndarray):
 
 
 def measure_input_means(quant_model, pairs, inputs, batches):
-    """pairs: [(float input tensor, dequantized tensor)] -> {float tensor: (E[x], E[Q(x)]) per channel}."""
+    """pairs: [(float input tensor, dequantized tensor)] -> {float tensor: (E[x], E[Q(x)]) per channel}.
+
+    The sums of batch k run in a thread (numpy releases the GIL) while onnxruntime computes batch k+1.
+    """
     names = sorted({t for pair in pairs for t in pair})
     sess = make_session(_expose(quant_model, names))
     sums = {}
-    for batch in batches:
-        vals = dict(zip(names, sess.run(names, _feed(inputs, batch))))
+
+    def add(vals):
         for x, qx in pairs:
             sx, n = _channel_sums(vals[x])
             sq, _ = _channel_sums(vals[qx])
@@ -42,6 +47,16 @@ def measure_input_means(quant_model, pairs, inputs, batches):
             acc[0] = acc[0] + sx
             acc[1] = acc[1] + sq
             acc[2] += n
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in batches:
+            vals = dict(zip(names, sess.run(names, _feed(inputs, batch))))
+            if pending is not None:
+                pending.result()  # at most two batches of activations alive
+            pending = pool.submit(add, vals)
+        if pending is not None:
+            pending.result()
     return {x: (a / n, b / n) for x, (a, b, n) in sums.items() if n}
 
 
