@@ -18,7 +18,7 @@ import onnx
 
 from .errors import OnnxqError
 from .fileio import write_bytes_atomic
-from .kernels.histogram import GridHistogram, batch_minmax, finite_minmax
+from .kernels.histogram import GridHistogram, range_and_counts
 
 FORMAT_VERSION = 1
 
@@ -35,9 +35,7 @@ class MinMaxOnly:
         self.mn, self.mx, self.n_finite, self.n_nonfinite = np.inf, -np.inf, 0, 0
 
     def update(self, x):
-        x = np.ascontiguousarray(x).reshape(-1)
-        fast = finite_minmax(x)
-        mn, mx, nf, nn = (*fast, x.size, 0) if fast is not None else batch_minmax(x)
+        mn, mx, nf, nn, _ = range_and_counts(np.ascontiguousarray(x).reshape(-1))
         if nf:
             self.mn, self.mx = min(self.mn, float(mn)), max(self.mx, float(mx))
         self.n_finite += int(nf)

@@ -169,6 +169,15 @@ def finite_minmax(x):
     return None
 
 
+def range_and_counts(x):
+    """(min, max, n_finite, n_nonfinite, all_finite) of a 1-D float array: numpy's pass when every value
+    is finite, the NaN/Inf-counting kernel otherwise."""
+    fast = finite_minmax(x)
+    if fast is not None:
+        return fast[0], fast[1], x.size, 0, True
+    return (*batch_minmax(x), False)
+
+
 def _bare_scatter_is_exact(dtype, e):
     """accumulate_finite's x * 2**-e must neither leave the doubles (e < -1022) nor underflow to -0
     for a tiny negative x (its bin is -1, not 0): never when e <= 0, and not for float32 data
@@ -209,16 +218,12 @@ class GridHistogram:
 
     def update(self, x):
         x = _as_batch(x)
-        fast = finite_minmax(x)
-        if fast is not None:
-            mn, mx, nf, nn = fast[0], fast[1], x.size, 0
-        else:
-            mn, mx, nf, nn = batch_minmax(x)
+        mn, mx, nf, nn, all_finite = range_and_counts(x)
         self.n_nonfinite += int(nn)
         if nf == 0:
             return
         self._move_to(min(self.mn, float(mn)), max(self.mx, float(mx)))
-        if fast is not None and _bare_scatter_is_exact(x.dtype, self.e):
+        if all_finite and _bare_scatter_is_exact(x.dtype, self.e):
             accumulate_finite(x, self.hist, self.e, self.offset)
         else:
             accumulate(x, self.hist, self.e, self.offset)

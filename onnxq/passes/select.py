@@ -280,9 +280,12 @@ def _feeds_quantized_compute(tensor, plan, depth=4) -> bool:
     return False
 
 
-# Ops that pass values through unchanged (a Focus/space-to-depth stem is Slices and a Concat)
-_PASS_THROUGH = ("Slice", "Concat", "Split", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity",
-                 "SpaceToDepth", "DepthToSpace")
+# Ops that only select or move values: their output takes the input's parameters, so the runtime drops
+# the DQ -> op -> Q around them instead of computing them in float.
+_SAME_SCALE_OPS = ("MaxPool", "Resize", "Reshape", "Transpose", "Slice", "Split", "Gather", "Squeeze", "Unsqueeze",
+                   "Flatten")
+# ...and those that also pass a whole feature map through (a Focus stem is Slices and a Concat)
+_PASS_THROUGH = _SAME_SCALE_OPS + ("Concat", "Identity", "SpaceToDepth", "DepthToSpace")
 
 
 def _quantize_image_input(graph, quantized, plan, add_site, graph_inputs):
@@ -311,11 +314,6 @@ def _quantize_image_input(graph, quantized, plan, add_site, graph_inputs):
             add_site(image, None, "input")
             plan.activations[x.name].share = image.name
 
-
-# Ops that only select or move values: their output takes the input's parameters, so the runtime drops
-# the DQ -> op -> Q around them instead of computing them in float.
-_SAME_SCALE_OPS = ("MaxPool", "Resize", "Reshape", "Transpose", "Slice", "Split", "Gather", "Squeeze", "Unsqueeze",
-                   "Flatten")
 
 
 def _propagate_int8(graph, plan, target, add_site, uses, graph_outputs):
