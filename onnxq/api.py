@@ -204,8 +204,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         st = calibrate(prepared.model, prepared.inputs, observed, paths, pp, prepared.hash,
                        batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=skip,
                        channel_tensors=[t for pair in depthwise_tensors(prepared.graph).values() for t in pair],
-                       minmax_only=[t for t, site in plan.activations.items()
-                                    if not needs_histogram(cfg, site.one_sided, site.direct)])
+                       minmax_only=[t for t in observed if not needs_histogram(cfg, plan.root_site(t).one_sided,
+                                                                                  plan.root_site(t).direct)])
         _derive_sigmoid_ranges(st, derived)
     t2 = time.perf_counter()
 
@@ -215,7 +215,10 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     for name, site in sorted(plan.activations.items()):
         if site.share is not None:
             continue  # takes its input's parameters below
-        choice = activation_params(name, st.tensors[name], site.one_sided, cfg, site.direct)
+        seen = st.tensors[name]
+        for other in site.merge:  # one scale for a whole Concat group: the range of all its values
+            seen = seen.merge(st.tensors[other])
+        choice = activation_params(name, seen, site.one_sided, cfg, site.direct)
         if choice is None:
             report.float_tensors[name] = "no finite value observed"
             warnings.warn(f"activation {name}: no finite value in calibration; left float")
@@ -355,11 +358,17 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
              and isinstance(nodes[n].inputs[2], gs.Constant)]
     if not convs:
         return quant_model
-    pairs = sorted({(nodes[n].inputs[0].name, nodes[n].inputs[0].name + "_dequantized") for n in convs})
+    sources = {nodes[n].inputs[0].name: _mean_sources(float_graph, plan, act, nodes[n].inputs[0].name) for n in convs}
+    pairs = sorted({(f, d) for parts in sources.values() for f, d, _ in parts})
     paths = list_images(calib, num_images=num_images, seed=seed)
     batch = 8 if prepared.inputs.dynamic_batch else 1
     batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=batch))
-    means = measure_input_means(quant_model, pairs, prepared.inputs, batches)
+    measured = measure_input_means(quant_model, pairs, prepared.inputs, batches)
+    means = {}
+    for x, parts in sources.items():
+        if all(f in measured for f, _, _ in parts):
+            means[x] = tuple(np.concatenate([measured[f][k][slice(*sl) if sl else slice(None)]
+                                             for f, _, sl in parts]) for k in (0, 1))
     shifts = {}
     for n in convs:
         node, wq = nodes[n], weights[n]
@@ -374,6 +383,41 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
     changed = apply_bias_shift(float_graph, shifts)
     report.notes.append(f"bias correction: {changed} conv biases adjusted over {len(paths)} images")
     return to_model(insert_qdq(float_graph, plan, act, weights), prepared.source)
+
+
+def _mean_sources(graph, plan, act, x) -> list:
+    """[(float tensor, its dequantized copy, channel slice)] whose per-channel means make up x's, in order.
+
+    A tensor on its inputs' grid has no Q/DQ of its own: a Concat's means are its inputs', a Split
+    piece's a slice of its input's; other such tensors (a MaxPool output) count as exact (their
+    conv's weight error is still corrected). A tensor left float is its own dequantized copy.
+    """
+    site = plan.activations.get(x)
+    if site is None or not site.implicit:
+        return [(x, x + "_dequantized" if x in act else x, None)]
+    tensors = graph.tensors()
+    node = tensors[x].inputs[0]
+    if node.op == "Concat":
+        return [part for v in node.inputs for part in _mean_sources(graph, plan, act, v.name)]
+    sizes = [o.shape[1] if o.shape is not None and len(o.shape) > 1 else None for o in node.outputs]
+    if node.op == "Split" and int(node.attrs.get("axis", 0)) in (1, -3) and all(isinstance(c, int) for c in sizes):
+        i = [o.name for o in node.outputs].index(x)
+        return _channel_slice(_mean_sources(graph, plan, act, node.inputs[0].name), sum(sizes[:i]),
+                              sum(sizes[:i + 1]), tensors)
+    return [(x, x, None)]
+
+
+def _channel_slice(parts, lo, hi, tensors) -> list:
+    """Channels lo:hi of the concatenation of `parts`."""
+    out, start = [], 0
+    for f, d, sl in parts:
+        first, last = sl if sl is not None else (0, tensors[f].shape[1])
+        n = last - first
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            out.append((f, d, (first + a - start, first + b - start)))
+        start += n
+    return out
 
 
 def _stamp_metadata(model, report: QuantReport):

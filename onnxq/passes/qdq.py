@@ -54,6 +54,8 @@ def insert_qdq(graph: gs.Graph, plan, act_params: dict, weight_params: dict) -> 
         p = act_params.get(name)
         if p is None:
             continue  # left float (no finite statistics): reported by the caller
+        if site.implicit:
+            continue  # computed from dequantized inputs on its grid: its readers see int8 values already
         t = tensors[name]
         scale = _scalar(f"{name}_scale", p.scale, np.float32)
         zp = _scalar(f"{name}_zero_point", p.zero_point, p.dtype)

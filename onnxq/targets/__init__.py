@@ -20,8 +20,12 @@ class Target:
     int8_elementwise: tuple = ()
     # TensorRT fuses a residual Add into the Conv before it only when both Add inputs are Q/DQ'd.
     quantize_add_inputs: bool = False
-    # Concat inputs share one scale so that the runtime can concatenate int8 values.
+    # A quantized Concat's inputs and output share one scale so that the runtime concatenates int8
+    # values as they are (no requantization per input).
     unify_concat: bool = False
+    # ...and the Concat output carries no Q/DQ of its own (on the inputs' grid already): OpenVINO would
+    # requantize every input to the output's FakeQuantize.
+    concat_output_on_input_grid: bool = False
     # Every reader of a quantized tensor reads its dequantized copy, and the feature-map inputs of these
     # merge ops are quantized: OpenVINO's low-precision transformations then run Split/MaxPool/Concat/Add
     # in int8 instead of leaving f32 islands between int8 Convs (less memory traffic).
@@ -40,7 +44,7 @@ TARGETS = {
     "ort": Target(
         name="ort",
         quantize_conv_outputs=True,
-        int8_elementwise=("Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Resize", "LeakyRelu"),
+        int8_elementwise=("Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Resize", "Split", "LeakyRelu"),
         description="onnxruntime: DQ -> Conv -> Q around every quantized Conv (QLinearConv), and the "
                     "activations, residual adds and concats between them in int8",
     ),
@@ -50,8 +54,11 @@ TARGETS = {
         quantize_first=True,
         quantize_head=True,
         int8_merges=("Add", "Concat"),
+        unify_concat=True,
+        concat_output_on_input_grid=True,
         description="OpenVINO: Q/DQ (FakeQuantize) on Conv inputs, first and head convs included, and on the "
-                    "inputs of residual Adds, Concats and Splits, read by every consumer; LPT runs them in u8/i8",
+                    "inputs of residual Adds, Concats (one scale per Concat, none on its output) and Splits, "
+                    "read by every consumer; LPT runs them in u8/i8",
     ),
     "qyolo": Target(
         name="qyolo",
