@@ -279,6 +279,38 @@ def test_openvino_target_concatenates_on_one_grid():
         assert len(scales) == 1, c.name
 
 
+def test_bias_correction_finds_the_means_of_tensors_without_their_own_qdq():
+    """Under --target openvino a Concat output and a Split piece have no Q/DQ of their own: bias correction
+    takes a Concat's per-channel means from its inputs, in order, and a Split piece's from its channel slice
+    of the Split's input."""
+    from onnxq.api import _mean_sources, prepare_model
+    from onnxq.passes.select import plan_quantization
+    from onnxq.targets import get_target
+
+    prepared = prepare_model(MODELS_DIR / "yolov8n_from-int8_640.onnx")
+    graph = prepared.graph
+    plan = plan_quantization(graph, get_target("openvino"))
+    act = dict.fromkeys(plan.activations)
+    tensors = graph.tensors()
+
+    def channels(parts):
+        return sum((sl[1] - sl[0]) if sl else tensors[f].shape[1] for f, _, sl in parts)
+
+    split = next(n for n in graph.nodes if n.name == "/model.2/Split")
+    piece = split.outputs[1].name
+    assert plan.activations[piece].implicit
+    parts = _mean_sources(graph, plan, act, piece)
+    half = tensors[piece].shape[1]
+    assert parts == [(split.inputs[0].name, split.inputs[0].name + "_dequantized", (half, 2 * half))]
+    concat = next(n for n in graph.nodes if n.name == "/model.2/Concat")
+    out = concat.outputs[0].name
+    assert plan.activations[out].implicit
+    parts = _mean_sources(graph, plan, act, out)
+    assert channels(parts) == tensors[out].shape[1]
+    assert parts[0][0] == split.inputs[0].name and parts[0][2] == (0, half)  # the first piece comes first
+    assert all(d.endswith("_dequantized") for _, d, _ in parts)
+
+
 def test_bias_correction_is_deterministic_and_changes_biases(tmp_path):
     path = MODELS_DIR / "fastestdet_352.onnx"
     a, _ = quantize_with_report(path, CALIB_DIR / "images", num_images=4, bias_correction=4)
