@@ -358,7 +358,8 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
              and isinstance(nodes[n].inputs[2], gs.Constant)]
     if not convs:
         return quant_model
-    sources = {nodes[n].inputs[0].name: _mean_sources(float_graph, plan, act, nodes[n].inputs[0].name) for n in convs}
+    tensors = float_graph.tensors()
+    sources = {nodes[n].inputs[0].name: _mean_sources(tensors, plan, act, nodes[n].inputs[0].name) for n in convs}
     pairs = sorted({(f, d) for parts in sources.values() for f, d, _ in parts})
     paths = list_images(calib, num_images=num_images, seed=seed)
     batch = 8 if prepared.inputs.dynamic_batch else 1
@@ -385,7 +386,7 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
     return to_model(insert_qdq(float_graph, plan, act, weights), prepared.source)
 
 
-def _mean_sources(graph, plan, act, x) -> list:
+def _mean_sources(tensors, plan, act, x) -> list:
     """[(float tensor, its dequantized copy, channel slice)] whose per-channel means make up x's, in order.
 
     A tensor on its inputs' grid has no Q/DQ of its own: a Concat's means are its inputs', a Split
@@ -395,14 +396,13 @@ def _mean_sources(graph, plan, act, x) -> list:
     site = plan.activations.get(x)
     if site is None or not site.implicit:
         return [(x, x + "_dequantized" if x in act else x, None)]
-    tensors = graph.tensors()
     node = tensors[x].inputs[0]
     if node.op == "Concat":
-        return [part for v in node.inputs for part in _mean_sources(graph, plan, act, v.name)]
+        return [part for v in node.inputs for part in _mean_sources(tensors, plan, act, v.name)]
     sizes = [o.shape[1] if o.shape is not None and len(o.shape) > 1 else None for o in node.outputs]
     if node.op == "Split" and int(node.attrs.get("axis", 0)) in (1, -3) and all(isinstance(c, int) for c in sizes):
         i = [o.name for o in node.outputs].index(x)
-        return _channel_slice(_mean_sources(graph, plan, act, node.inputs[0].name), sum(sizes[:i]),
+        return _channel_slice(_mean_sources(tensors, plan, act, node.inputs[0].name), sum(sizes[:i]),
                               sum(sizes[:i + 1]), tensors)
     return [(x, x, None)]
 

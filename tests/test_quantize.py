@@ -299,13 +299,13 @@ def test_bias_correction_finds_the_means_of_tensors_without_their_own_qdq():
     split = next(n for n in graph.nodes if n.name == "/model.2/Split")
     piece = split.outputs[1].name
     assert plan.activations[piece].implicit
-    parts = _mean_sources(graph, plan, act, piece)
+    parts = _mean_sources(tensors, plan, act, piece)
     half = tensors[piece].shape[1]
     assert parts == [(split.inputs[0].name, split.inputs[0].name + "_dequantized", (half, 2 * half))]
     concat = next(n for n in graph.nodes if n.name == "/model.2/Concat")
     out = concat.outputs[0].name
     assert plan.activations[out].implicit
-    parts = _mean_sources(graph, plan, act, out)
+    parts = _mean_sources(tensors, plan, act, out)
     assert channels(parts) == tensors[out].shape[1]
     assert parts[0][0] == split.inputs[0].name and parts[0][2] == (0, half)  # the first piece comes first
     assert all(d.endswith("_dequantized") for _, d, _ in parts)

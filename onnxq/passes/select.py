@@ -264,8 +264,8 @@ def _quantize_merges(graph, plan, target, add_site):
             continue
         for v in values:
             add_site(v, None, "input")
-    # The pieces keep Q/DQ pairs with the tensor's own parameters (exact) so that their Convs still
-    # see a FakeQuantize; the Split itself then runs int8.
+    # The tensor before a Split of quantized pieces is quantized too and the pieces take its parameters,
+    # so that the Split itself runs int8 (with unify_concat they stay on its grid, no Q/DQ of their own).
     for node in graph.nodes:
         if node.op != "Split" or node.name in plan.head.tail or not _is_feature_map(node.inputs[0]):
             continue
@@ -322,8 +322,9 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
     if output_on_input_grid:
         # an op that picks values (MaxPool, nearest Resize, Split) joins its input's group: its output is
         # then on that grid too (no requantization between, e.g., an upsampled map and its source)
+        tensors = graph.tensors()
         for name in list(plan.activations):
-            source = _picked_from(graph.tensors()[name], plan)
+            source = _picked_from(tensors[name], plan)
             if source is not None:
                 union(name, source)
     groups = {}
@@ -346,18 +347,6 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
                 plan.activations[m].merge = []
         if output_on_input_grid:
             _mark_on_grid(graph, plan, set(members))
-
-
-# Ops whose output values are some of their input's values: on the input's grid when the input is dequantized
-_VALUE_SUBSET_OPS = ("MaxPool", "Split", "Slice", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
-                     "Identity")
-
-
-def _picks_values(node) -> bool:
-    """The op's output values are some of its first input's values."""
-    if node.op == "Resize":
-        return node.attrs.get("mode", "nearest") == "nearest"
-    return node.op in _VALUE_SUBSET_OPS and bool(node.inputs)
 
 
 def _mark_on_grid(graph, plan, group):
@@ -410,6 +399,14 @@ _SAME_SCALE_OPS = ("MaxPool", "Resize", "Reshape", "Transpose", "Slice", "Split"
                    "Flatten")
 # ...and those that also pass a whole feature map through (a Focus stem is Slices and a Concat)
 _PASS_THROUGH = _SAME_SCALE_OPS + ("Concat", "Identity", "SpaceToDepth", "DepthToSpace")
+
+
+def _picks_values(node) -> bool:
+    """The op's output values are some of its first input's values (on its grid when it is dequantized):
+    a same-scale op, except a Resize that interpolates."""
+    if node.op == "Resize":
+        return node.attrs.get("mode", "nearest") == "nearest"
+    return (node.op in _SAME_SCALE_OPS or node.op == "Identity") and bool(node.inputs)
 
 
 def _quantize_image_input(graph, quantized, plan, add_site, graph_inputs):
