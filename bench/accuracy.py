@@ -14,6 +14,7 @@ nncf.quantize defaults.
 """
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -71,8 +72,9 @@ def _peer_nncf(model, out, pp, n):
     model = _opset13(model, Path(out).parent)
     prepared = prepare_model(model)
     images = [b.images for b in iter_batches(list_images(C.CALIB / "images", n), prepared.inputs.hw, pp)]
-    q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(images, lambda x: {prepared.inputs.image: x}),
-                      subset_size=len(images))
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars would land in the printed table
+        q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(images, lambda x: {prepared.inputs.image: x}),
+                          subset_size=len(images))
     onnx.save(q, str(out))
 
 

@@ -20,9 +20,10 @@ from .passes.fold import fold_constants, name_nodes, untie_shared_weights
 from .passes.graph import to_graph, to_model
 from .passes.opset import upgrade_opset
 from .passes.qdq import insert_qdq
-from .passes.select import plan_quantization
+from .passes.select import plan_quantization, silu_inputs
 from .preprocess import PRESETS, Preprocess, preprocess_from_metadata, preprocess_to_metadata
-from .ranges import BITS, METHODS, RangeConfig, activation_params, needs_histogram, weight_params
+from .ranges import (BITS, METHODS, RangeConfig, activation_params, needs_histogram, silu_input_bounds,
+                     weight_params)
 from .stats import Stats, model_hash
 from .targets import TARGETS, get_target
 
@@ -211,22 +212,30 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
     report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, num_images=st.num_images, skipped=skipped,
                          float_nodes=dict(plan.float_nodes), tail_nodes=len(plan.head.tail), notes=notes)
-    act = {}
-    for name, site in sorted(plan.activations.items()):
-        if site.share is not None:
-            continue  # takes its input's parameters below
+    act, choices = {}, {}
+
+    def choose(name, site, bounds=None):
         seen = st.tensors[name]
         for other in site.merge:  # one scale for a whole Concat group: the range of all its values
             seen = seen.merge(st.tensors[other])
-        choice = activation_params(name, seen, site.one_sided, cfg, site.direct)
+        choice = activation_params(name, seen, site.one_sided, cfg, site.direct, bounds)
         if choice is None:
             report.float_tensors[name] = "no finite value observed"
             warnings.warn(f"activation {name}: no finite value in calibration; left float")
-            continue
+            return
         if choice.nonfinite:
             warnings.warn(f"activation {name}: {choice.nonfinite} NaN/Inf values ignored in its range")
-        report.activations.append(choice)
+        choices[name] = choice
         act[name] = choice.params
+
+    # a SiLU's input is bounded by its output's grid, so the output's parameters come first
+    bounded = _silu_bounded(prepared.graph, plan)
+    for name, site in sorted(plan.activations.items()):
+        if site.share is None and name not in bounded:  # sharing sites take their input's parameters below
+            choose(name, site)
+    for name, y in sorted(bounded.items()):
+        choose(name, plan.activations[name], silu_input_bounds(act[y]) if y in act else None)
+    report.activations.extend(choices[name] for name in sorted(choices))
 
     _keep_starved_depthwise_float(prepared.graph, plan, act, st, report)
     # ops that only move values run in int8 only if their output keeps the input's parameters
@@ -276,6 +285,20 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 # STARVED_LEVELS quantization steps reaches its output as noise, with nothing to average it out.
 STARVED_LEVELS = 4
 STARVED_LIMIT = 0.05  # keep the depthwise conv float when more than this share of channels starve
+
+
+def _silu_bounded(graph, plan) -> dict:
+    """Quantized tensors read only by a SiLU whose output is quantized on its own scale: x -> SiLU(x)."""
+    shared = {s.share for s in plan.activations.values() if s.share is not None}
+    out = {}
+    for x, y in silu_inputs(graph).items():
+        xs, ys = plan.activations.get(x), plan.activations.get(y)
+        if xs is None or ys is None or xs.share is not None or ys.share is not None:
+            continue
+        if xs.merge or xs.implicit or x in shared:
+            continue  # its parameters serve other tensors too
+        out[x] = y
+    return out
 
 
 def _sigmoid_derived(graph, plan, cfg) -> dict:

@@ -9,10 +9,12 @@ on yolov5n in our measurements, so they keep MinMax, as does a Conv's
 two-sided pre-activation output (which onnxruntime's QLinearConv needs
 quantized). Below 8 bits rounding dominates and every tensor gets its clip
 search (UH one-sided, MSE two-sided). The other methods apply to every
-tensor as named. The other methods apply to
-every tensor as named. Weights: symmetric MinMax per output channel.
+tensor as named. A tensor read only by a SiLU whose output is quantized (the
+ort target's Conv outputs) keeps no range beyond what can change that output
+(silu_input_bounds). Weights: symmetric MinMax per output channel.
 """
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -90,8 +92,46 @@ def _clipped_fraction(counts, lo_edge, width, lo_q, hi_q):
     return float(outside / total) if total else 0.0
 
 
-def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True) -> RangeChoice | None:
-    """Parameters for one activation tensor; None if it has no finite value (it stays float)."""
+SILU_ARGMIN = -1.2784645  # SiLU is least here (-0.2784645) and rises back towards 0 below it
+
+
+def _silu(x):
+    return x / (1.0 + math.exp(-x)) if x > -700 else 0.0
+
+
+def _bisect(f, lo, hi, steps=80):
+    """x in [lo, hi] where the increasing function f crosses 0."""
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def silu_input_bounds(y: QParams):
+    """(lo, hi): the range of x beyond which SiLU(x) quantized on y's grid no longer changes.
+
+    Below lo, |SiLU(x)| is under half a step of y, so it rounds to y's zero whatever x is; above hi,
+    SiLU(x) is past y's top and clips to it. Quantizing x on [lo, hi] instead of its observed range
+    costs the SiLU's quantized output nothing and gives x a finer step (a conv output's negative
+    tail reaches -100 and more; the SiLU turns all of it into about 0).
+    """
+    half = 0.5 * y.scale
+    if half >= -_silu(SILU_ARGMIN):
+        lo = SILU_ARGMIN
+    else:  # |SiLU| falls monotonically below its minimum: find where it drops to half a step
+        lo = -_bisect(lambda t: half - t / (1.0 + math.exp(t)), -SILU_ARGMIN, 800.0)
+    top = (y.qmax - y.zero_point) * y.scale + half
+    if top <= 0:
+        return lo, 0.0
+    hi = _bisect(lambda t: _silu(t) - top, 0.0, top + 50.0)  # SiLU(x) > x - 1 for x > 0: the root is below top + 1
+    return lo, hi
+
+
+def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True, bounds=None) -> RangeChoice | None:
+    """Parameters for one activation tensor; None if it has no finite value (it stays float).
+
+    bounds: (lo, hi) the clip never goes beyond (silu_input_bounds).
+    """
     if hist.n_finite == 0:
         return None
     mn, mx = float(hist.mn), float(hist.mx)
@@ -100,6 +140,8 @@ def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True) -> R
         used, (lo, hi) = "minmax", search.minmax_range(mn, mx)
     else:
         used, lo, hi = _search(cfg.method, counts, lo_edge, width, mn, mx, one_sided, cfg, direct)
+    if bounds is not None and (lo < bounds[0] or hi > bounds[1]):
+        lo, hi, used = max(lo, bounds[0]), min(hi, bounds[1]), used + "+silu-bounds"
     scale, zp, qmin, qmax = search.qparams(lo, hi, cfg.a_bits, cfg.symmetric)
     scale = float(np.float32(scale))
     dtype = np.int8 if cfg.symmetric else np.uint8

@@ -219,6 +219,32 @@ def test_qparams_degenerate():
     assert s == float(np.finfo(np.float32).tiny)
 
 
+@pytest.mark.parametrize("y_lo,y_hi,bits,sym", [(-0.2785, 10.0, 8, False), (-0.2785, 70.0, 8, False),
+                                                 (-0.2785, 3.0, 4, False), (-0.2785, 6.0, 8, True),
+                                                 (-0.2785, 0.5, 8, False), (-0.2785, 40.0, 4, True)])
+def test_silu_input_bounds_leave_the_quantized_silu_unchanged(y_lo, y_hi, bits, sym):
+    """Clipping x to silu_input_bounds(y) changes no value of SiLU(x) on y's grid (ties aside), and the
+    bounds are tight: just inside them, SiLU(x) lands on other grid points than at the bound."""
+    from onnxq.passes.qdq import QParams
+    from onnxq.ranges import silu_input_bounds
+
+    scale, zp, qmin, qmax = S.qparams(y_lo, y_hi, bits, sym)
+    y = QParams(scale=scale, zero_point=zp, dtype=np.int8 if sym else np.uint8, qmin=qmin, qmax=qmax)
+    lo, hi = silu_input_bounds(y)
+    assert lo <= -1.2784 and hi > 0
+    silu = lambda v: v / (1.0 + np.exp(-v))  # noqa: E731
+    quant = lambda v: np.clip(np.rint(v / scale) + zp, qmin, qmax)  # noqa: E731
+    x = np.concatenate([np.linspace(-300, 300, 600_001), np.random.default_rng(0).normal(0, 20, 100_000)])
+    exact, clipped = silu(x) / scale, silu(np.clip(x, lo, hi)) / scale
+    tie = np.abs(np.abs(exact - np.floor(exact)) - 0.5) < 1e-6
+    tie |= np.abs(np.abs(clipped - np.floor(clipped)) - 0.5) < 1e-6
+    assert np.array_equal(quant(silu(x))[~tie], quant(silu(np.clip(x, lo, hi)))[~tie])
+    # tight: a little inside either bound, SiLU(x) no longer rounds to y's zero or to y's top
+    if lo * 0.98 < -1.2785:  # else the whole negative side rounds to zero and lo is SiLU's minimum
+        assert quant(silu(np.array([lo * 0.98])))[0] == zp - 1
+    assert quant(silu(np.array([hi - 1.5 * scale])))[0] < qmax
+
+
 @pytest.mark.parametrize("data", ["normal", "silu"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quant_mse_matches_simulation(data, bits):

@@ -111,6 +111,11 @@ def test_ort_target_runs_every_quantized_conv_as_an_integer_kernel(tmp_path):
     r = integer_conv_report(qpath, opt)
     assert r["quantized_convs"] == len(report.weights) > 50
     assert r["float"] == []
+    # each conv output read only by a SiLU keeps no range its SiLU's quantized output cannot use
+    convs = [a for a in report.activations if a.tensor.endswith(".conv")]
+    assert len(convs) == 56 and all(a.method == "minmax+silu-bounds" for a in convs)
+    first = next(a for a in convs if a.tensor == "model.1.conv")
+    assert first.observed[0] < -50 and -4 < first.clip[0] < -1.2784
 
 
 def test_ort_target_keeps_int8_between_convs(tmp_path):

@@ -58,16 +58,34 @@ class QuantPlan:
         return self.activations[site.share] if site.share is not None else site
 
 
-def _is_silu_mul(node) -> bool:
-    """Mul(x, Sigmoid(x)) as exporters write SiLU/Swish."""
+def _silu_parts(node):
+    """(x, the Sigmoid node) if `node` is Mul(x, Sigmoid(x)), as exporters write SiLU/Swish; else None."""
     if node.op != "Mul" or len(node.inputs) != 2:
-        return False
+        return None
     a, b = node.inputs
     for x, s in ((a, b), (b, a)):
         p = producer(s)
         if p is not None and p.op == "Sigmoid" and p.inputs[0] is x:
-            return True
-    return False
+            return x, p
+    return None
+
+
+def _is_silu_mul(node) -> bool:
+    return _silu_parts(node) is not None
+
+
+def silu_inputs(graph: gs.Graph) -> dict:
+    """x -> SiLU(x) for every tensor read only by one SiLU (its Sigmoid and its Mul): such a tensor's
+    range only matters as far as it changes the SiLU's output."""
+    pairs = {}
+    for mul in graph.nodes:
+        parts = _silu_parts(mul)
+        if parts is None:
+            continue
+        x, sig = parts
+        if {id(n) for n in x.outputs} == {id(sig), id(mul)} and sig.outputs[0].outputs == [mul]:
+            pairs[x.name] = mul.outputs[0].name
+    return pairs
 
 
 def is_direct_activation(tensor) -> bool:
