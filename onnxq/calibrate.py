@@ -26,15 +26,41 @@ from .preprocess import Preprocess
 from .stats import Stats
 
 
-def _expose(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
-    """A copy of the model with `tensors` added as graph outputs."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    existing = {o.name for o in exposed.graph.output}
-    for name in tensors:
-        if name not in existing:
-            exposed.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return exposed
+def model_with_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
+    """A copy of the model whose outputs are exactly `tensors`, without the nodes none of them needs.
+
+    Calibration observes the tensors to quantize, so the head's float output convs and the decode tail
+    need not run: on yolov8n that is the DFL Softmax and 10% of the run. Nodes holding subgraphs may
+    read any tensor of the outer graph, so with such a node nothing is pruned.
+    """
+    tensors = list(dict.fromkeys(tensors))
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    subgraphs = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                    for node in graph.node for a in node.attribute)
+    if not subgraphs:
+        producer = {o: i for i, node in enumerate(graph.node) for o in node.output}
+        keep, todo = set(), [t for t in tensors if t in producer]
+        while todo:
+            i = producer.get(todo.pop())
+            if i is None or i in keep:
+                continue
+            keep.add(i)
+            todo.extend(t for t in graph.node[i].input if t)
+        nodes = [node for i, node in enumerate(graph.node) if i in keep]
+        used = {t for node in nodes for t in node.input} | set(tensors)
+        inits = [init for init in graph.initializer if init.name in used]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+    typed = {vi.name: vi for vi in (*graph.value_info, *graph.input, *graph.output)}
+    outputs = [onnx.ValueInfoProto(name=t, type=typed[t].type) if t in typed else
+               onnx.helper.make_empty_tensor_value_info(t) for t in tensors]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    return out
 
 
 def make_session(model: onnx.ModelProto, threads=None):
@@ -61,7 +87,7 @@ def _feed(inputs, batch):
 
 def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, threads, stats, progress_cb, decode_threads,
                channel_tensors=(), minmax_only=()):
-    session = make_session(_expose(model, tensors), threads)
+    session = make_session(model_with_outputs(model, tensors), threads)
     pending = queue.Queue(maxsize=2)  # bounded: at most two batches of activations alive
     failure = []
 

@@ -107,7 +107,7 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
 
     Returns (list[TensorError] sorted worst first, {tensor: float values of the first batch} for plotting).
     """
-    from .calibrate import _expose, make_session
+    from .calibrate import make_session, model_with_outputs
 
     pairs = _qdq_pairs(quant_model)
     float_tensors = {vi.name for vi in float_model.graph.value_info} | {n for node in float_model.graph.node for n in node.output}
@@ -116,9 +116,9 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
     q_outputs = [o.name for o in quant_model.graph.output]
     if outputs != q_outputs:
         raise OnnxqError(f"the models' outputs differ ({outputs} vs {q_outputs})")
-    f_sess = make_session(_expose(float_model, compared))
+    f_sess = make_session(model_with_outputs(float_model, compared + outputs))
     q_fetch = compared + [pairs[t][0] for t in compared]
-    q_sess = make_session(_expose(quant_model, q_fetch))
+    q_sess = make_session(model_with_outputs(quant_model, q_fetch + outputs))
     acc = {t: _Accumulator() for t in compared + outputs}
     local = {t: _Accumulator() for t in compared}
     kept = {}

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .calibrate import _expose, _feed, make_session
+from .calibrate import _feed, make_session, model_with_outputs
 
 
 def _channel_sums(x: np.ndarray):
@@ -36,7 +36,7 @@ def measure_input_means(quant_model, pairs, inputs, batches):
     The sums of batch k run in a thread (numpy releases the GIL) while onnxruntime computes batch k+1.
     """
     names = sorted({t for pair in pairs for t in pair})
-    sess = make_session(_expose(quant_model, names))
+    sess = make_session(model_with_outputs(quant_model, names))
     sums = {}
 
     def add(vals):

@@ -140,6 +140,30 @@ def test_ort_target_keeps_int8_between_convs(tmp_path):
     assert {"Split", "Resize", "MaxPool"} <= {n.op_type for n in moved}
 
 
+def test_calibration_runs_only_what_the_observed_tensors_need():
+    """The model calibration runs drops the head's output convs and the decode tail (yolov8n's DFL
+    Softmax: 10% of its run) and gives the same values as the whole model with the tensors exposed."""
+    from onnxq.api import prepare_model, resolve_preprocess
+    from onnxq.calibrate import make_session, model_with_outputs
+    from onnxq.passes.select import plan_quantization
+    from onnxq.targets import get_target
+
+    prepared = prepare_model(MODELS_DIR / "yolov8n_from-int8_640.onnx")
+    tensors = sorted(plan_quantization(prepared.graph, get_target("ort")).calibration_tensors())
+    observer = model_with_outputs(prepared.model, tensors)
+    onnx.checker.check_model(observer)
+    assert [o.name for o in observer.graph.output] == tensors
+    ops = [n.op_type for n in observer.graph.node]
+    assert "Softmax" not in ops and len(ops) < len(prepared.model.graph.node) - 20
+    whole = model_with_outputs(prepared.model, tensors + [o.name for o in prepared.model.graph.output])
+    assert len(whole.graph.node) == len(prepared.model.graph.node)
+    pp, _ = resolve_preprocess(prepared, None)
+    x = next(iter_batches(list_images(CALIB_DIR / "images", 1), prepared.inputs.hw, pp)).images
+    feed = {prepared.inputs.image: x}
+    for a, b in zip(make_session(observer).run(tensors, feed), make_session(whole).run(tensors, feed)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_openvino_runs_the_quantized_convs_in_u8(tmp_path):
     from onnxq.backends.openvino import runtime_precisions
 
