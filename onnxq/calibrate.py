@@ -15,7 +15,7 @@ import multiprocessing as mp
 import os
 import queue
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 
 import onnx
 import onnxruntime as ort
@@ -183,6 +183,8 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
 
 def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size, workers, threads, bar,
                         channel_tensors, minmax_only):
+    """The first shard runs in this process (already started, model loaded); the others in spawned
+    processes, each with its share of the cores."""
     cores = os.cpu_count() or 1
     per_worker = threads or max(1, cores // workers)
     size = math.ceil(len(paths) / workers)
@@ -191,26 +193,26 @@ def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_siz
     ctx = mp.get_context("spawn")  # the parent holds onnxruntime threads: never fork them
     counter = ctx.Value("q", 0)
     model_bytes = model.SerializeToString()
-    results = []
-    with ProcessPoolExecutor(max_workers=len(shards), mp_context=ctx, initializer=_init_counter,
+    seen = 0
+
+    def tick(n):  # this process's images, and the workers' counted so far
+        nonlocal seen
+        now = counter.value
+        bar.update(n + now - seen)
+        seen = now
+
+    with ProcessPoolExecutor(max_workers=max(1, len(shards) - 1), mp_context=ctx, initializer=_init_counter,
                              initargs=(counter,)) as pool:
         futures = [pool.submit(_shard_entry, model_bytes, inputs, tensors, shard, pp.to_dict(), batch_size,
-                               per_worker, model_hash, channel_tensors, minmax_only) for shard in shards]
-        done = 0
-        while not all(f.done() for f in futures):
-            try:
-                futures[0].exception(timeout=0.2) if not futures[0].done() else None
-            except Exception:
-                pass
-            now = counter.value
-            bar.update(now - done)
-            done = now
-        for f in futures:
-            results.append(f.result())
-        bar.update(counter.value - done)
-    stats = results[0][0]
-    skipped = list(results[0][1])
-    for s, sk in results[1:]:
+                               per_worker, model_hash, channel_tensors, minmax_only) for shard in shards[1:]]
+        stats = Stats(model_hash, pp.to_dict(), inputs.hw)
+        skipped = list(_run_shard(model, inputs, tensors, shards[0], pp, batch_size, per_worker, stats, tick,
+                                  decode_threads=1, channel_tensors=channel_tensors, minmax_only=minmax_only))
+        while wait(futures, timeout=0.2).not_done:
+            tick(0)
+        results = [f.result() for f in futures]
+        tick(0)
+    for s, sk in results:
         stats = stats.merge(s)
         skipped.extend(sk)
     return stats, skipped
