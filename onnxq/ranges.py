@@ -119,11 +119,11 @@ def silu_input_bounds(y: QParams):
     if half >= -_silu(SILU_ARGMIN):
         lo = SILU_ARGMIN
     else:  # |SiLU| falls monotonically below its minimum: find where it drops to half a step
-        lo = -_bisect(lambda t: half - t / (1.0 + math.exp(t)), -SILU_ARGMIN, 800.0)
+        lo = -_bisect(lambda t: half + _silu(-t), -SILU_ARGMIN, 800.0)
     top = (y.qmax - y.zero_point) * y.scale + half
     if top <= 0:
         return lo, 0.0
-    hi = _bisect(lambda t: _silu(t) - top, 0.0, top + 50.0)  # SiLU(x) > x - 1 for x > 0: the root is below top + 1
+    hi = _bisect(lambda t: _silu(t) - top, 0.0, top + 50.0)  # SiLU(x) > x - 0.28 for x > 0: a root below top + 1
     return lo, hi
 
 
