@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxqError
-from .images import iter_batches
+from .images import iter_batches, unreadable_error
 from .preprocess import Preprocess
 from .stats import Stats
 
@@ -129,7 +129,7 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
     skipped = []
     try:
         for batch in iter_batches(paths, inputs.hw, pp, batch_size=batch_size, threads=decode_threads,
-                                  on_skip=lambda p, why: skipped.append((p, why))):
+                                  on_skip=lambda p, why: skipped.append((p, why)), require_readable=False):
             try:
                 outs = session.run(tensors, _feed(inputs, batch.images))
             except Exception as exc:
@@ -196,8 +196,9 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
     for path, why in skipped:
         if on_skip:
             on_skip(path, why)
-    if stats.num_images == 0:
-        raise OnnxqError(f"no readable image among the {len(paths)} given")
+    if stats.num_images == 0:  # checked over all shards: one shard may hold only unreadable files
+        path, why = skipped[0] if skipped else (paths[0], "unreadable")
+        raise unreadable_error(paths, f"{path}: {why}")
     return stats
 
 

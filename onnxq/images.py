@@ -155,12 +155,18 @@ def _common_folder(paths):
         return str(paths[0].parent)
 
 
-def iter_batches(paths, hw, pp: Preprocess, batch_size=1, threads=2, on_skip=None, prefetch=4):
+def unreadable_error(paths, first_error) -> OnnxqError:
+    return OnnxqError(f"{_common_folder([Path(p) for p in paths])}: none of the {len(paths)} image files could be "
+                      f"read (first: {first_error})")
+
+
+def iter_batches(paths, hw, pp: Preprocess, batch_size=1, threads=2, on_skip=None, prefetch=4, require_readable=True):
     """Yield Batches in path order; images decode in a thread pool while the caller runs the model.
 
     At most `prefetch` batches' worth of images are decoded or waiting at any time, so
     memory stays flat. An unreadable file is skipped and reported through
-    on_skip(path, reason). If no file at all can be read, OnnxqError. Closing the
+    on_skip(path, reason). If no file at all can be read, OnnxqError (unless not
+    `require_readable`: a shard of a larger set may hold only bad files). Closing the
     generator early (break, exception, Ctrl-C in the consumer) stops the workers.
     """
     paths = [Path(p) for p in paths]
@@ -201,9 +207,8 @@ def iter_batches(paths, hw, pp: Preprocess, batch_size=1, threads=2, on_skip=Non
                 images, transforms, done = [], [], []
         if images:
             yield Batch(np.stack(images), transforms, done)
-        if ok == 0:
-            where = _common_folder(paths)
-            raise OnnxqError(f"{where}: none of the {len(paths)} image files could be read (first: {first_error})")
+        if ok == 0 and require_readable:
+            raise unreadable_error(paths, first_error)
     finally:
         stop.set()
         for f in pending:

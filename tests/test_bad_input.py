@@ -277,3 +277,19 @@ def test_byte_identical_across_runs_and_workers(tmp_path):
         assert code == 0, stderr
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_a_worker_given_only_unreadable_files_does_not_fail_the_run(tmp_path):
+    """--workers 2 gives each process a shard; a shard of bad files alone is skipped like the files
+    themselves, and only a set with no readable image at all is an error (counted over all shards)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (folder / name).write_text("not an image")
+    out = tmp_path / "q.onnx"
+    code, _, stderr = cli("quantize", SMALL, out, "--calib", folder, "--workers", 2, "--no-progress")
+    assert code != 0 and "none of the 2 image files could be read" in stderr and not out.exists()
+    (folder / "c.jpg").write_bytes(sorted((CALIB_DIR / "images").iterdir())[0].read_bytes())
+    code, _, stderr = cli("quantize", SMALL, out, "--calib", folder, "--workers", 2, "--no-progress")
+    assert code == 0, stderr
+    assert stderr.count("skipped") == 2 and out.exists()
