@@ -7,7 +7,7 @@ what the CLI prints and `--report` writes. Saving is the caller's (atomic).
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from .passes.opset import upgrade_opset
 from .passes.qdq import insert_qdq
 from .passes.select import plan_quantization, silu_inputs
 from .preprocess import PRESETS, Preprocess, preprocess_from_metadata, preprocess_to_metadata
-from .ranges import (BITS, METHODS, RangeConfig, activation_params, needs_histogram, silu_input_bounds,
+from .ranges import (BITS, METHODS, RangeConfig, activation_params, needs_histogram, silu_input_range,
                      weight_params)
 from .stats import Stats, model_hash
 from .targets import TARGETS, get_target
@@ -201,40 +201,55 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
                 on_skip(path, why)
 
         derived = _sigmoid_derived(prepared.graph, plan, cfg)
-        observed = [t for t in plan.calibration_tensors() if t not in derived]
+        channel_tensors = {t for pair in depthwise_tensors(prepared.graph).values() for t in pair}
+        # a SiLU's input takes its range from the SiLU's output: observed only where its channels are checked
+        unobserved = set(derived) | (set(_silu_bounded(prepared.graph, plan)) - channel_tensors)
+        observed = [t for t in plan.calibration_tensors() if t not in unobserved]
         st = calibrate(prepared.model, prepared.inputs, observed, paths, pp, prepared.hash,
                        batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=skip,
-                       channel_tensors=[t for pair in depthwise_tensors(prepared.graph).values() for t in pair],
+                       channel_tensors=channel_tensors,
                        minmax_only=[t for t in observed if not needs_histogram(cfg, plan.root_site(t).one_sided,
                                                                                   plan.root_site(t).direct)])
-        _derive_sigmoid_ranges(st, derived)
+        _derive_sigmoid_ranges(st, {y: x for y, x in derived.items() if x in st.tensors})
     t2 = time.perf_counter()
 
     report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, num_images=st.num_images, skipped=skipped,
                          float_nodes=dict(plan.float_nodes), tail_nodes=len(plan.head.tail), notes=notes)
     act, choices = {}, {}
 
-    def choose(name, site, bounds=None):
-        seen = st.tensors[name]
+    def choose(name, site, seen=None, label=None):
+        seen = st.tensors[name] if seen is None else seen
         for other in site.merge:  # one scale for a whole Concat group: the range of all its values
             seen = seen.merge(st.tensors[other])
-        choice = activation_params(name, seen, site.one_sided, cfg, site.direct, bounds)
+        choice = activation_params(name, seen, site.one_sided, cfg, site.direct)
         if choice is None:
             report.float_tensors[name] = "no finite value observed"
             warnings.warn(f"activation {name}: no finite value in calibration; left float")
             return
         if choice.nonfinite:
             warnings.warn(f"activation {name}: {choice.nonfinite} NaN/Inf values ignored in its range")
-        choices[name] = choice
+        choices[name] = replace(choice, method=label) if label else choice
         act[name] = choice.params
 
-    # a SiLU's input is bounded by its output's grid, so the output's parameters come first
+    # a SiLU's input takes its range from the output's parameters, and the SiLU's own Sigmoid (where it
+    # is quantized) from the input's: the range it can reach in the quantized model
     bounded = _silu_bounded(prepared.graph, plan)
+    sigmoid_of = {s: x for s, x in _sigmoid_derived(prepared.graph, plan, cfg).items() if x in bounded}
     for name, site in sorted(plan.activations.items()):
-        if site.share is None and name not in bounded:  # sharing sites take their input's parameters below
+        if site.share is None and name not in bounded and name not in sigmoid_of:  # sharing sites: below
             choose(name, site)
     for name, y in sorted(bounded.items()):
-        choose(name, plan.activations[name], silu_input_bounds(act[y]) if y in act else None)
+        if y not in act:
+            report.float_tensors[name] = "its SiLU's output stays float"
+            continue
+        y_seen = st.tensors[y]
+        choose(name, plan.activations[name], _range_only(*silu_input_range(act[y], y_seen.mx), y_seen),
+               label="silu-range")
+    for name, x in sorted(sigmoid_of.items()):
+        if x in act:
+            q = act[x]
+            lo, hi = (float(1.0 / (1.0 + np.exp(-(v - q.zero_point) * q.scale))) for v in (q.qmin, q.qmax))
+            choose(name, plan.activations[name], _range_only(lo, hi, st.tensors[bounded[x]]), label="sigmoid-range")
     report.activations.extend(choices[name] for name in sorted(choices))
 
     _keep_starved_depthwise_float(prepared.graph, plan, act, st, report)
@@ -301,6 +316,15 @@ def _silu_bounded(graph, plan) -> dict:
     return out
 
 
+def _range_only(lo, hi, counted):
+    """Statistics holding only the range [lo, hi], counting as many values as `counted` saw."""
+    from .stats import MinMaxOnly
+
+    h = MinMaxOnly()
+    h.mn, h.mx, h.n_finite, h.n_nonfinite = lo, hi, counted.n_finite, counted.n_nonfinite
+    return h
+
+
 def _sigmoid_derived(graph, plan, cfg) -> dict:
     """Sigmoid outputs whose range follows from their input's: sigmoid is monotonic, so its min and
     max are sigmoid(min) and sigmoid(max). Not observing them saves a third of the ort target's
@@ -317,15 +341,10 @@ def _sigmoid_derived(graph, plan, cfg) -> dict:
 
 
 def _derive_sigmoid_ranges(stats, derived):
-    from .stats import MinMaxOnly
-
     for y, x in derived.items():
         src = stats.tensors[x]
-        h = MinMaxOnly()
-        if src.n_finite:
-            h.mn, h.mx = (float(1.0 / (1.0 + np.exp(-v))) for v in (src.mn, src.mx))
-        h.n_finite, h.n_nonfinite = src.n_finite, src.n_nonfinite
-        stats.tensors[y] = h
+        lo, hi = (float(1.0 / (1.0 + np.exp(-v))) for v in (src.mn, src.mx)) if src.n_finite else (src.mn, src.mx)
+        stats.tensors[y] = _range_only(lo, hi, src)
 
 
 def depthwise_tensors(graph) -> dict:
@@ -383,11 +402,11 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
         return quant_model
     tensors = float_graph.tensors()
     sources = {nodes[n].inputs[0].name: _mean_sources(tensors, plan, act, nodes[n].inputs[0].name) for n in convs}
-    pairs = sorted({(f, d) for parts in sources.values() for f, d, _ in parts})
+    quantized = {f: q for parts in sources.values() for f, q, _ in parts}
     paths = list_images(calib, num_images=num_images, seed=seed)
     batch = 8 if prepared.inputs.dynamic_batch else 1
     batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=batch))
-    measured = measure_input_means(quant_model, pairs, prepared.inputs, batches)
+    measured = measure_input_means(quant_model, quantized, prepared.inputs, batches)
     means = {}
     for x, parts in sources.items():
         if all(f in measured for f, _, _ in parts):
@@ -410,15 +429,15 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
 
 
 def _mean_sources(tensors, plan, act, x) -> list:
-    """[(float tensor, its dequantized copy, channel slice)] whose per-channel means make up x's, in order.
+    """[(float tensor, its QParams or None, channel slice)] whose per-channel means make up x's, in order.
 
     A tensor on its inputs' grid has no Q/DQ of its own: a Concat's means are its inputs', a Split
-    piece's a slice of its input's; other such tensors (a MaxPool output) count as exact (their
-    conv's weight error is still corrected). A tensor left float is its own dequantized copy.
+    piece's a slice of its input's; other such tensors (a MaxPool output) count as exact (None: their
+    conv's weight error is still corrected), as does a tensor left float.
     """
     site = plan.activations.get(x)
     if site is None or not site.implicit:
-        return [(x, x + "_dequantized" if x in act else x, None)]
+        return [(x, act.get(x), None)]
     node = tensors[x].inputs[0]
     if node.op == "Concat":
         return [part for v in node.inputs for part in _mean_sources(tensors, plan, act, v.name)]
@@ -427,18 +446,18 @@ def _mean_sources(tensors, plan, act, x) -> list:
         i = [o.name for o in node.outputs].index(x)
         return _channel_slice(_mean_sources(tensors, plan, act, node.inputs[0].name), sum(sizes[:i]),
                               sum(sizes[:i + 1]), tensors)
-    return [(x, x, None)]
+    return [(x, None, None)]
 
 
 def _channel_slice(parts, lo, hi, tensors) -> list:
     """Channels lo:hi of the concatenation of `parts`."""
     out, start = [], 0
-    for f, d, sl in parts:
+    for f, q, sl in parts:
         first, last = sl if sl is not None else (0, tensors[f].shape[1])
         n = last - first
         a, b = max(lo, start), min(hi, start + n)
         if a < b:
-            out.append((f, d, (first + a - start, first + b - start)))
+            out.append((f, q, (first + a - start, first + b - start)))
         start += n
     return out
 

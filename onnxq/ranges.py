@@ -10,8 +10,9 @@ two-sided pre-activation output (which onnxruntime's QLinearConv needs
 quantized). Below 8 bits rounding dominates and every tensor gets its clip
 search (UH one-sided, MSE two-sided). The other methods apply to every
 tensor as named. A tensor read only by a SiLU whose output is quantized (the
-ort target's Conv outputs) keeps no range beyond what can change that output
-(silu_input_bounds). Weights: symmetric MinMax per output channel.
+ort target's Conv outputs) is not observed at all: its range is where that
+output's quantized value can change (silu_input_range). Weights: symmetric
+MinMax per output channel.
 """
 
 import math
@@ -127,11 +128,26 @@ def silu_input_bounds(y: QParams):
     return lo, hi
 
 
-def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True, bounds=None) -> RangeChoice | None:
-    """Parameters for one activation tensor; None if it has no finite value (it stays float).
+def silu_input_range(y: QParams, y_max: float):
+    """(lo, hi) to quantize x on, from its SiLU's output alone: y = SiLU(x) quantized with `y`, largest
+    observed value y_max.
 
-    bounds: (lo, hi) the clip never goes beyond (silu_input_bounds).
+    Below silu_input_bounds' lo every x gives the same quantized y, so no observation of x can narrow the
+    range usefully on that side; above, SiLU rises monotonically, so max x is SiLU's inverse at y_max.
+    Calibration then need not expose x: onnxruntime copies every exposed conv output out of its blocked
+    layout, 11 ms of a 36 ms yolov5n run (measured), and the statistics thread scans 62 MB less per image.
+    Covering the whole [lo, ...] rather than the calibration images' minimum also holds on images whose
+    pre-activations reach further down (mAP50-95 with the observed minimum instead, ort target:
+    yolov5n +0.07, yolov8n 0.00, YOLOX-nano -0.51, within the noise of 128 images).
     """
+    lo, hi = silu_input_bounds(y)
+    if not y_max > 0:  # SiLU(x) <= 0: x <= 0
+        return lo, 0.0
+    return lo, min(hi, _bisect(lambda t: _silu(t) - y_max, 0.0, y_max + 50.0))
+
+
+def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True) -> RangeChoice | None:
+    """Parameters for one activation tensor; None if it has no finite value (it stays float)."""
     if hist.n_finite == 0:
         return None
     mn, mx = float(hist.mn), float(hist.mx)
@@ -140,8 +156,6 @@ def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True, boun
         used, (lo, hi) = "minmax", search.minmax_range(mn, mx)
     else:
         used, lo, hi = _search(cfg.method, counts, lo_edge, width, mn, mx, one_sided, cfg, direct)
-    if bounds is not None and (lo < bounds[0] or hi > bounds[1]):
-        lo, hi, used = max(lo, bounds[0]), min(hi, bounds[1]), used + "+silu-bounds"
     scale, zp, qmin, qmax = search.qparams(lo, hi, cfg.a_bits, cfg.symmetric)
     scale = float(np.float32(scale))
     dtype = np.int8 if cfg.symmetric else np.uint8

@@ -76,6 +76,38 @@ def test_batch_minmax_ignores_and_counts_nonfinite():
     assert H.batch_minmax(np.zeros(0, dtype=np.float32))[2:] == (0, 0)
 
 
+@pytest.mark.parametrize("special", [None, np.nan, -np.nan, np.inf, -np.inf])
+def test_finite_minmax_float32_keys_agree_with_numpy(special):
+    rng = np.random.default_rng(3)
+    tiny = np.float32(1e-45)  # the smallest subnormal float32
+    x = np.concatenate([rng.normal(0, 3, 10_001), [-0.0, 0.0, tiny, -tiny, 3.4e38, -3.4e38]]).astype(np.float32)
+    for part in (x, x[:7], -np.abs(x), np.abs(x), x[-6:-4]):  # mixed signs, all negative, all >= 0, zeros
+        part = part.copy()
+        if special is not None:
+            part[len(part) // 2] = special
+            assert H.finite_minmax(part) is None
+            continue
+        mn, mx = H.finite_minmax(part)
+        assert (mn, mx) == (float(part.min()), float(part.max()))
+    # the bit pattern of a negative NaN (sign bit set), which -np.nan need not produce
+    x = np.ones(5, dtype=np.float32)
+    x.view(np.int32)[2] = np.int32(-4194304)  # 0xffc00000
+    assert np.isnan(x[2]) and H.finite_minmax(x) is None
+
+
+def test_accumulate_finite_counts_across_chunks():
+    rng = np.random.default_rng(4)
+    x = silu_data(rng, 10_001, outliers=3)
+    e, off = (int(v) for v in H.canonical_grid(float(x.min()), float(x.max()), HIST_SLOTS))
+    whole, chunked = np.zeros(HIST_SLOTS, np.int64), np.zeros(HIST_SLOTS, np.int64)
+    H.accumulate_finite(x, whole, e, off)
+    H.accumulate_finite(x, chunked, e, off, 7)  # odd chunk: flushes and odd tails at every step
+    reference = np.zeros(HIST_SLOTS, np.int64)
+    H.accumulate(x, reference, e, off)
+    np.testing.assert_array_equal(whole, reference)
+    np.testing.assert_array_equal(chunked, reference)
+
+
 @pytest.mark.parametrize("mn,mx", [(-13.48, 14.2), (-0.2785, 56.7), (1.0, 1.0), (0.0, 0.0), (-3e38, 3.4e38),
                                    (5e-324, 1e-320), (-1e-320, 1e300), (-7.0, -6.999), (1e6, 1e6 + 1)])
 def test_canonical_grid_is_the_smallest_that_fits(mn, mx):
@@ -443,3 +475,38 @@ def test_per_channel_absmax():
         assert got.dtype == np.float64
         np.testing.assert_array_equal(got, ref)
     assert S.per_channel_absmax(w, 0)[5] == 0.0
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_channel_sums_match_onnxruntime_quantize_dequantize(sym):
+    """Bias correction recomputes Q(x) from x: its per-channel sums equal those of onnxruntime's own
+    QuantizeLinear -> DequantizeLinear, ties and clipping included."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from onnxq.kernels.channels import channel_sums
+    from onnxq.passes.qdq import QParams
+
+    scale, zp = np.float32(0.05), (0 if sym else 37)
+    dtype, qmin, qmax, onnx_type = (np.int8, -128, 127, TensorProto.INT8) if sym else \
+        (np.uint8, 0, 255, TensorProto.UINT8)
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.5, 4.0, (2, 3, 5, 7)).astype(np.float32)
+    x[0, 0, 0, :4] = np.array([0.5, 1.5, -2.5, 2.5], dtype=np.float32) * scale  # ties: half to even
+    x[1, 2, 1, :2] = [100.0, 90.0]  # clipped to the top
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [float(scale)]),
+         helper.make_tensor("z", onnx_type, [], [zp])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    sx, sq, n = channel_sums(x, QParams(scale=float(scale), zero_point=zp, dtype=dtype, qmin=qmin, qmax=qmax))
+    assert n == 2 * 5 * 7
+    np.testing.assert_allclose(sx, x.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(sq, y.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-6, atol=1e-9)
+    assert sx[2] - sq[2] > 100  # the clipped values show
+    sx2, sq2, _ = channel_sums(x)  # not quantized: the tensor is its own copy
+    np.testing.assert_array_equal(sx2, sq2)

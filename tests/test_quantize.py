@@ -12,7 +12,7 @@ from onnxq.evaluate.families import detect_family
 from onnxq.images import iter_batches, list_images
 from onnxq.model import find_inputs, save_model
 from onnxq.preprocess import preprocess_from_metadata
-from onnxq.ranges import METHODS
+from onnxq.ranges import METHODS, silu_input_range
 
 CALIB_IMAGES = 4  # few images: the suite must stay fast on 2 cores
 
@@ -111,11 +111,38 @@ def test_ort_target_runs_every_quantized_conv_as_an_integer_kernel(tmp_path):
     r = integer_conv_report(qpath, opt)
     assert r["quantized_convs"] == len(report.weights) > 50
     assert r["float"] == []
-    # each conv output read only by a SiLU keeps no range its SiLU's quantized output cannot use
+    # each conv output read only by a SiLU takes its range from the SiLU's output, and the SiLU's
+    # Sigmoid from that range, neither observed
+    by_name = {a.tensor: a for a in report.activations}
     convs = [a for a in report.activations if a.tensor.endswith(".conv")]
-    assert len(convs) == 56 and all(a.method == "minmax+silu-bounds" for a in convs)
-    first = next(a for a in convs if a.tensor == "model.1.conv")
-    assert first.observed[0] < -50 and -4 < first.clip[0] < -1.2784
+    assert len(convs) == 56 and all(a.method == "silu-range" for a in convs)
+    first, y = by_name["model.1.conv"], by_name["model.1.act.silu"]
+    assert (first.clip[0], first.clip[1]) == silu_input_range(y.params, y.observed[1])
+    assert -4 < first.clip[0] < -1.2784 and first.clip[1] <= y.observed[1] + 0.28
+    sig = by_name["model.1.act.sigmoid"]
+    q = first.params
+    assert sig.method == "sigmoid-range"
+    assert sig.clip == pytest.approx([1 / (1 + np.exp(-(v - q.zero_point) * q.scale)) for v in (q.qmin, q.qmax)])
+
+
+def test_silu_input_range_recovers_the_observed_maximum(model_stats):
+    """Where the SiLU output's grid does not clip, the derived top of x is the largest x calibration saw:
+    SiLU is increasing above its minimum, so max x = SiLU^-1(max y)."""
+    from onnxq.api import _silu_bounded, prepare_model
+    from onnxq.passes.qdq import QParams
+    from onnxq.passes.select import plan_quantization
+    from onnxq.stats import Stats
+    from onnxq.targets import get_target
+
+    path, stats_path = model_stats
+    prepared = prepare_model(path)
+    pairs = _silu_bounded(prepared.graph, plan_quantization(prepared.graph, get_target("ort")))
+    if not pairs:
+        pytest.skip(f"{path.name} has no SiLU")
+    st = Stats.load(stats_path)
+    wide = QParams(scale=1.0, zero_point=0, dtype=np.uint8, qmin=0, qmax=255)  # top 255: nothing clips
+    for x, y in pairs.items():
+        assert silu_input_range(wide, st.tensors[y].mx)[1] == pytest.approx(st.tensors[x].mx, rel=1e-5, abs=1e-6)
 
 
 def test_ort_target_keeps_int8_between_convs(tmp_path):
@@ -319,7 +346,7 @@ def test_bias_correction_finds_the_means_of_tensors_without_their_own_qdq():
     prepared = prepare_model(MODELS_DIR / "yolov8n_from-int8_640.onnx")
     graph = prepared.graph
     plan = plan_quantization(graph, get_target("openvino"))
-    act = dict.fromkeys(plan.activations)
+    act = {t: f"params of {t}" for t in plan.activations}  # stand-ins: only who has parameters matters
     tensors = graph.tensors()
 
     def channels(parts):
@@ -330,14 +357,14 @@ def test_bias_correction_finds_the_means_of_tensors_without_their_own_qdq():
     assert plan.activations[piece].implicit
     parts = _mean_sources(tensors, plan, act, piece)
     half = tensors[piece].shape[1]
-    assert parts == [(split.inputs[0].name, split.inputs[0].name + "_dequantized", (half, 2 * half))]
+    assert parts == [(split.inputs[0].name, "params of " + split.inputs[0].name, (half, 2 * half))]
     concat = next(n for n in graph.nodes if n.name == "/model.2/Concat")
     out = concat.outputs[0].name
     assert plan.activations[out].implicit
     parts = _mean_sources(tensors, plan, act, out)
     assert channels(parts) == tensors[out].shape[1]
     assert parts[0][0] == split.inputs[0].name and parts[0][2] == (0, half)  # the first piece comes first
-    assert all(d.endswith("_dequantized") for _, d, _ in parts)
+    assert all(q == "params of " + f for f, q, _ in parts)
 
 
 def test_bias_correction_is_deterministic_and_changes_biases(tmp_path):
