@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 
 from . import __version__
 from .errors import OnnxqError, UsageError
+from .kernels import warm_up
 from .model import find_inputs, infer_shapes, load_model
 from .passes.fold import fold_constants, name_nodes, untie_shared_weights
 from .passes.graph import to_graph, to_model
@@ -168,6 +169,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     if not 50.0 < percentile < 100.0:
         raise UsageError(f"--percentile {percentile}: must be between 50 and 100")
 
+    if stats is None and calib is not None:
+        warm_up()  # while the model is prepared
     prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
     notes.extend(prepared.inputs.notes)
     plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
@@ -497,6 +500,7 @@ def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=Non
     from .calibrate import calibrate
     from .images import list_images
 
+    warm_up()  # while the model is prepared
     prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
     pp, source = resolve_preprocess(prepared, preprocess)
     paths = list_images(calib, num_images=num_images, seed=seed)

@@ -153,6 +153,9 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
 def _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, counter, channel_tensors,
                 minmax_only):
     """Worker-process entry point: statistics of one shard of the images."""
+    from .kernels import warm_up
+
+    warm_up()  # while the model loads
     model = onnx.load_from_string(model_bytes)
     pp = Preprocess.from_dict(pp_dict)
     stats = Stats(hash_, pp_dict, inputs.hw)

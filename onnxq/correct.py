@@ -14,7 +14,7 @@ error is corrected: correcting each layer for what the layers before it did,
 all at once, over-corrects (measured). Means stream batch by batch.
 """
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -28,30 +28,34 @@ def measure_input_means(quant_model, tensors, inputs, batches):
     -> {tensor: (E[x], E[Q(x)]) per channel}.
 
     Only x is exposed; Q(x) is recomputed from it (kernels.channels): exposing the dequantized copy too
-    keeps onnxruntime from fusing it into QLinearConv, and the pass ran 1.6x longer (measured). The sums
-    of batch k run in a thread (Numba releases the GIL) while onnxruntime computes batch k+1.
+    keeps onnxruntime from fusing it into QLinearConv, and the pass ran 1.6x longer (measured). Two
+    batches run at once on the one session: the quantized model alone leaves a quarter of two cores idle,
+    and the second run fills it (1.5 -> 1.25 s over 32 yolov5n images, measured). Per-batch sums are
+    added in batch order, so the result does not depend on which run finished first.
     """
     names = sorted(tensors)
     sess = make_session(model_with_outputs(quant_model, names))
-    sums = {}
 
-    def add(vals):
-        for x in names:
-            sx, sq, n = channel_sums(vals[x], tensors[x])
+    def batch_sums(batch):
+        outs = sess.run(names, _feed(inputs, batch))
+        return [channel_sums(value, tensors[x]) for x, value in zip(names, outs)]  # Numba: GIL released
+
+    per_batch, running = [], set()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for batch in batches:
+            if len(running) == 2:
+                running = wait(running, return_when=FIRST_COMPLETED).not_done
+            future = pool.submit(batch_sums, batch)
+            per_batch.append(future)
+            running.add(future)
+        per_batch = [f.result() for f in per_batch]
+    sums = {}
+    for results in per_batch:
+        for x, (sx, sq, n) in zip(names, results):
             acc = sums.setdefault(x, [0.0, 0.0, 0])
             acc[0] = acc[0] + sx
             acc[1] = acc[1] + sq
             acc[2] += n
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for batch in batches:
-            vals = dict(zip(names, sess.run(names, _feed(inputs, batch))))
-            if pending is not None:
-                pending.result()  # at most two batches of activations alive
-            pending = pool.submit(add, vals)
-        if pending is not None:
-            pending.result()
     return {x: (a / n, b / n) for x, (a, b, n) in sums.items() if n}
 
 
