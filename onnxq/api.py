@@ -5,8 +5,10 @@ what the CLI prints and `--report` writes. Saving is the caller's (atomic).
 """
 
 import json
+import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -220,11 +222,13 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
                          float_nodes=dict(plan.float_nodes), tail_nodes=len(plan.head.tail), notes=notes)
     act, choices = {}, {}
 
-    def choose(name, site, seen=None, label=None):
+    def params_of(name, site, seen=None):
         seen = st.tensors[name] if seen is None else seen
         for other in site.merge:  # one scale for a whole Concat group: the range of all its values
             seen = seen.merge(st.tensors[other])
-        choice = activation_params(name, seen, site.one_sided, cfg, site.direct)
+        return activation_params(name, seen, site.one_sided, cfg, site.direct)
+
+    def record(name, choice, label=None):
         if choice is None:
             report.float_tensors[name] = "no finite value observed"
             warnings.warn(f"activation {name}: no finite value in calibration; left float")
@@ -234,13 +238,18 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         choices[name] = replace(choice, method=label) if label else choice
         act[name] = choice.params
 
+    def choose(name, site, seen=None, label=None):
+        record(name, params_of(name, site, seen), label)
+
     # a SiLU's input takes its range from the output's parameters, and the SiLU's own Sigmoid (where it
     # is quantized) from the input's: the range it can reach in the quantized model
     bounded = _silu_bounded(prepared.graph, plan)
     sigmoid_of = {s: x for s, x in _sigmoid_derived(prepared.graph, plan, cfg).items() if x in bounded}
-    for name, site in sorted(plan.activations.items()):
-        if site.share is None and name not in bounded and name not in sigmoid_of:  # sharing sites: below
-            choose(name, site)
+    own = [(name, site) for name, site in sorted(plan.activations.items())
+           if site.share is None and name not in bounded and name not in sigmoid_of]  # sharing sites: below
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # the searches release the GIL
+        for (name, _), choice in zip(own, pool.map(lambda item: params_of(*item), own)):
+            record(name, choice)
     for name, y in sorted(bounded.items()):
         if y not in act:
             report.float_tensors[name] = "its SiLU's output stays float"
