@@ -180,6 +180,10 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         raise OnnxqError(f"{prepared.name}: nothing to quantize (no Conv/ConvTranspose/MatMul/Gemm outside the "
                          "decode tail and the layers kept float)")
 
+    # a SiLU's input takes its range from the SiLU output's parameters, and the SiLU's own Sigmoid (where it
+    # is quantized) from the input's: neither needs observing
+    bounded = _silu_bounded(prepared.graph, plan)
+    derived = _sigmoid_derived(prepared.graph, plan, cfg)
     if stats is not None:
         st = stats if isinstance(stats, Stats) else Stats.load(stats)
         st.check_matches(prepared.hash, preprocess.to_dict() if preprocess is not None else None, path=str(stats))
@@ -205,10 +209,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
             if on_skip:
                 on_skip(path, why)
 
-        derived = _sigmoid_derived(prepared.graph, plan, cfg)
         channel_tensors = {t for pair in depthwise_tensors(prepared.graph).values() for t in pair}
-        # a SiLU's input takes its range from the SiLU's output: observed only where its channels are checked
-        unobserved = set(derived) | (set(_silu_bounded(prepared.graph, plan)) - channel_tensors)
+        unobserved = set(derived) | (set(bounded) - channel_tensors)  # observed where its channels are checked
         observed = [t for t in plan.calibration_tensors() if t not in unobserved]
         st = calibrate(prepared.model, prepared.inputs, observed, paths, pp, prepared.hash,
                        batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=skip,
@@ -241,10 +243,9 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     def choose(name, site, seen=None, label=None):
         record(name, params_of(name, site, seen), label)
 
-    # a SiLU's input takes its range from the output's parameters, and the SiLU's own Sigmoid (where it
-    # is quantized) from the input's: the range it can reach in the quantized model
-    bounded = _silu_bounded(prepared.graph, plan)
-    sigmoid_of = {s: x for s, x in _sigmoid_derived(prepared.graph, plan, cfg).items() if x in bounded}
+    # SiLU outputs first, then their inputs' ranges, then the Sigmoids': the range each can reach in the
+    # quantized model
+    sigmoid_of = {s: x for s, x in derived.items() if x in bounded}
     own = [(name, site) for name, site in sorted(plan.activations.items())
            if site.share is None and name not in bounded and name not in sigmoid_of]  # sharing sites: below
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # the searches release the GIL
@@ -260,7 +261,7 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     for name, x in sorted(sigmoid_of.items()):
         if x in act:
             q = act[x]
-            lo, hi = (float(1.0 / (1.0 + np.exp(-(v - q.zero_point) * q.scale))) for v in (q.qmin, q.qmax))
+            lo, hi = (_sigmoid((v - q.zero_point) * q.scale) for v in (q.qmin, q.qmax))
             choose(name, plan.activations[name], _range_only(lo, hi, st.tensors[bounded[x]]), label="sigmoid-range")
     report.activations.extend(choices[name] for name in sorted(choices))
 
@@ -352,10 +353,14 @@ def _sigmoid_derived(graph, plan, cfg) -> dict:
     return derived
 
 
+def _sigmoid(v) -> float:
+    return float(1.0 / (1.0 + np.exp(-v)))
+
+
 def _derive_sigmoid_ranges(stats, derived):
     for y, x in derived.items():
         src = stats.tensors[x]
-        lo, hi = (float(1.0 / (1.0 + np.exp(-v))) for v in (src.mn, src.mx)) if src.n_finite else (src.mn, src.mx)
+        lo, hi = (_sigmoid(src.mn), _sigmoid(src.mx)) if src.n_finite else (src.mn, src.mx)
         stats.tensors[y] = _range_only(lo, hi, src)
 
 
