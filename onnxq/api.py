@@ -16,6 +16,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
+from .derived import (concat_unions, derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived,
+                      silu_bounded, union_sources)
 from .errors import OnnxqError, UsageError
 from .kernels import warm_up
 from .model import find_inputs, infer_shapes, load_model
@@ -23,7 +25,7 @@ from .passes.fold import fold_constants, name_nodes, untie_shared_weights
 from .passes.graph import to_graph, to_model
 from .passes.opset import upgrade_opset
 from .passes.qdq import insert_qdq
-from .passes.select import plan_quantization, silu_inputs
+from .passes.select import plan_quantization
 from .preprocess import PRESETS, Preprocess, preprocess_from_metadata, preprocess_to_metadata
 from .ranges import (BITS, METHODS, RangeConfig, activation_params, needs_histogram, silu_input_range,
                      weight_params)
@@ -182,8 +184,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
     # a SiLU's input takes its range from the SiLU output's parameters, and the SiLU's own Sigmoid (where it
     # is quantized) from the input's: neither needs observing
-    bounded = _silu_bounded(prepared.graph, plan)
-    derived = _sigmoid_derived(prepared.graph, plan, cfg)
+    bounded = silu_bounded(prepared.graph, plan)
+    derived = sigmoid_derived(prepared.graph, plan, cfg)
     if stats is not None:
         st = stats if isinstance(stats, Stats) else Stats.load(stats)
         st.check_matches(prepared.hash, preprocess.to_dict() if preprocess is not None else None, path=str(stats))
@@ -211,13 +213,20 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
         channel_tensors = {t for pair in depthwise_tensors(prepared.graph).values() for t in pair}
         unobserved = set(derived) | (set(bounded) - channel_tensors)  # observed where its channels are checked
-        observed = [t for t in plan.calibration_tensors() if t not in unobserved]
+        wanted = [t for t in plan.calibration_tensors() if t not in unobserved]
+        unions = concat_unions(prepared.graph, set(wanted) - channel_tensors, wanted)
+        observed = [t for t in wanted if t not in unions]
+
+        def histogram_needed(t):
+            return needs_histogram(cfg, plan.root_site(t).one_sided, plan.root_site(t).direct)
+
+        in_histograms = set().union(*(union_sources(unions, u) for u in unions if histogram_needed(u)))
         st = calibrate(prepared.model, prepared.inputs, observed, paths, pp, prepared.hash,
                        batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=skip,
                        channel_tensors=channel_tensors,
-                       minmax_only=[t for t in observed if not needs_histogram(cfg, plan.root_site(t).one_sided,
-                                                                                  plan.root_site(t).direct)])
-        _derive_sigmoid_ranges(st, {y: x for y, x in derived.items() if x in st.tensors})
+                       minmax_only=[t for t in observed if not histogram_needed(t) and t not in in_histograms])
+        derive_unions(st, unions)
+        derive_sigmoid_ranges(st, {y: x for y, x in derived.items() if x in st.tensors})
     t2 = time.perf_counter()
 
     report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, num_images=st.num_images, skipped=skipped,
@@ -256,13 +265,13 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
             report.float_tensors[name] = "its SiLU's output stays float"
             continue
         y_seen = st.tensors[y]
-        choose(name, plan.activations[name], _range_only(*silu_input_range(act[y], y_seen.mx), y_seen),
+        choose(name, plan.activations[name], range_only(*silu_input_range(act[y], y_seen.mx), y_seen),
                label="silu-range")
     for name, x in sorted(sigmoid_of.items()):
         if x in act:
             q = act[x]
-            lo, hi = (_sigmoid((v - q.zero_point) * q.scale) for v in (q.qmin, q.qmax))
-            choose(name, plan.activations[name], _range_only(lo, hi, st.tensors[bounded[x]]), label="sigmoid-range")
+            lo, hi = (sigmoid((v - q.zero_point) * q.scale) for v in (q.qmin, q.qmax))
+            choose(name, plan.activations[name], range_only(lo, hi, st.tensors[bounded[x]]), label="sigmoid-range")
     report.activations.extend(choices[name] for name in sorted(choices))
 
     _keep_starved_depthwise_float(prepared.graph, plan, act, st, report)
@@ -313,55 +322,6 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 # STARVED_LEVELS quantization steps reaches its output as noise, with nothing to average it out.
 STARVED_LEVELS = 4
 STARVED_LIMIT = 0.05  # keep the depthwise conv float when more than this share of channels starve
-
-
-def _silu_bounded(graph, plan) -> dict:
-    """Quantized tensors read only by a SiLU whose output is quantized on its own scale: x -> SiLU(x)."""
-    shared = {s.share for s in plan.activations.values() if s.share is not None}
-    out = {}
-    for x, y in silu_inputs(graph).items():
-        xs, ys = plan.activations.get(x), plan.activations.get(y)
-        if xs is None or ys is None or xs.share is not None or ys.share is not None:
-            continue
-        if xs.merge or xs.implicit or x in shared:
-            continue  # its parameters serve other tensors too
-        out[x] = y
-    return out
-
-
-def _range_only(lo, hi, counted):
-    """Statistics holding only the range [lo, hi], counting as many values as `counted` saw."""
-    from .stats import MinMaxOnly
-
-    h = MinMaxOnly()
-    h.mn, h.mx, h.n_finite, h.n_nonfinite = lo, hi, counted.n_finite, counted.n_nonfinite
-    return h
-
-
-def _sigmoid_derived(graph, plan, cfg) -> dict:
-    """Sigmoid outputs whose range follows from their input's: sigmoid is monotonic, so its min and
-    max are sigmoid(min) and sigmoid(max). Not observing them saves a third of the ort target's
-    calibration traffic. Only where the method needs no histogram of them."""
-    derived = {}
-    for n in graph.nodes:
-        if n.op != "Sigmoid":
-            continue
-        x, y = n.inputs[0].name, n.outputs[0].name
-        site = plan.activations.get(y)
-        if site is not None and x in plan.activations and not needs_histogram(cfg, site.one_sided, site.direct):
-            derived[y] = x
-    return derived
-
-
-def _sigmoid(v) -> float:
-    return float(1.0 / (1.0 + np.exp(-v)))
-
-
-def _derive_sigmoid_ranges(stats, derived):
-    for y, x in derived.items():
-        src = stats.tensors[x]
-        lo, hi = (_sigmoid(src.mn), _sigmoid(src.mx)) if src.n_finite else (src.mn, src.mx)
-        stats.tensors[y] = _range_only(lo, hi, src)
 
 
 def depthwise_tensors(graph) -> dict:
@@ -518,7 +478,11 @@ def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=Non
     prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
     pp, source = resolve_preprocess(prepared, preprocess)
     paths = list_images(calib, num_images=num_images, seed=seed)
-    stats = calibrate(prepared.model, prepared.inputs, reusable_tensors(prepared), paths, pp, prepared.hash,
-                      batch_size=batch_size, workers=workers, threads=threads, progress=progress, on_skip=on_skip,
-                      channel_tensors=[t for pair in depthwise_tensors(prepared.graph).values() for t in pair])
+    wanted = reusable_tensors(prepared)
+    channel_tensors = {t for pair in depthwise_tensors(prepared.graph).values() for t in pair}
+    unions = concat_unions(prepared.graph, set(wanted) - channel_tensors, wanted)
+    stats = calibrate(prepared.model, prepared.inputs, [t for t in wanted if t not in unions], paths, pp,
+                      prepared.hash, batch_size=batch_size, workers=workers, threads=threads, progress=progress,
+                      on_skip=on_skip, channel_tensors=channel_tensors)
+    derive_unions(stats, unions)  # saved like the observed ones: the same statistics
     return stats, prepared.inputs.notes + [f"preprocessing {pp.describe()} ({source})"]

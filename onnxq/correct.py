@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .calibrate import _feed, make_session, model_with_outputs
+from .calibrate import _feed, cores, make_session, model_with_outputs, split_threads
 from .kernels.channels import channel_sums
 
 
@@ -34,16 +34,17 @@ def measure_input_means(quant_model, tensors, inputs, batches):
     added in batch order, so the result does not depend on which run finished first.
     """
     names = sorted(tensors)
-    sess = make_session(model_with_outputs(quant_model, names))
+    runs, per_run = split_threads(cores())
+    sess = make_session(model_with_outputs(quant_model, names), per_run)
 
     def batch_sums(batch):
         outs = sess.run(names, _feed(inputs, batch))
         return [channel_sums(value, tensors[x]) for x, value in zip(names, outs)]  # Numba: GIL released
 
     per_batch, running = [], set()
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=runs) as pool:
         for batch in batches:
-            if len(running) == 2:
+            if len(running) == runs:
                 running = wait(running, return_when=FIRST_COMPLETED).not_done
             future = pool.submit(batch_sums, batch)
             per_batch.append(future)

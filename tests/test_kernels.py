@@ -528,3 +528,37 @@ def test_fold_float32_in_chunks_equals_one_float64_pass():
                                                                ref.n_nonfinite)
     np.testing.assert_array_equal(hist, ref.hist)
     assert nn == np.count_nonzero(~np.isfinite(x))
+
+
+VECTOR_GRID_CASES = [  # (lo, hi, float32 indices exact?)
+    (-0.2785, 6.5, True), (-2e-35, 2e-35, True), (-2000.0, 2000.0, True), (2.1474e9, 2.1474e9 + 3000, True),
+    (-1e-35, 1e-35, False), (-1e5, 3e5, False), (2.147482e9, 2.147483e9, False), (-2.147483e9, -2.147482e9, False),
+    (1e-44, 1e-42, False)]
+
+
+@pytest.mark.parametrize("lo,hi", [case[:2] for case in VECTOR_GRID_CASES])
+def test_fold_float32_vectorized_indices_equal_the_float64_scatter(lo, hi):
+    """fold_float32 computes bin indices in float32/int32 where that is exact (_f32_indices_are_exact) and
+    falls back to float64 elsewhere: on grids at both ends of that window (e = -126 and 0, offsets at the
+    int32 limit) and past them, the counts equal the generic float64 kernel's, -0.0 and subnormals included."""
+    rng = np.random.default_rng(11)
+    x = rng.uniform(lo, hi, 20_000).astype(np.float32)
+    x[:3] = [lo, hi, -0.0]
+    x[3:6] = np.array([1e-45, -1e-45, 0.0], np.float32) if lo < 0 < hi else x[3:6]
+    hist, mn, mx, e, offset, nf, nn = H.fold_float32(x, np.zeros(HIST_SLOTS, np.int64), np.inf, -np.inf, 0, 0, 0,
+                                                     H.FOLD_CHUNK)
+    ref = np.zeros(HIST_SLOTS, np.int64)
+    H.accumulate(x, ref, e, offset)
+    assert (mn, mx, nf, nn) == (float(x.min()), float(x.max()), x.size, 0)
+    np.testing.assert_array_equal(hist, ref)
+    assert hist.sum() == x.size
+
+
+def test_vectorized_bin_indices_cover_both_grid_windows():
+    """The parametrized grids above reach both kernels: the float32 one (e in [-126, 0], int32 offsets) and
+    the float64 fallback."""
+    grids = [H.canonical_grid(float(np.float32(lo)), float(np.float32(hi)), HIST_SLOTS)
+             for lo, hi, _ in VECTOR_GRID_CASES]
+    exact = [bool(H._f32_indices_are_exact(int(e), int(o), HIST_SLOTS)) for e, o in grids]
+    assert exact == [case[2] for case in VECTOR_GRID_CASES]
+    assert [int(e) for e, _ in grids[1:5]] == [-126, 0, 0, -127]  # the window's edges, and one past

@@ -128,7 +128,8 @@ def test_ort_target_runs_every_quantized_conv_as_an_integer_kernel(tmp_path):
 def test_silu_input_range_recovers_the_observed_maximum(model_stats):
     """Where the SiLU output's grid does not clip, the derived top of x is the largest x calibration saw:
     SiLU is increasing above its minimum, so max x = SiLU^-1(max y)."""
-    from onnxq.api import _silu_bounded, prepare_model
+    from onnxq.api import prepare_model
+    from onnxq.derived import silu_bounded
     from onnxq.passes.qdq import QParams
     from onnxq.passes.select import plan_quantization
     from onnxq.stats import Stats
@@ -136,7 +137,7 @@ def test_silu_input_range_recovers_the_observed_maximum(model_stats):
 
     path, stats_path = model_stats
     prepared = prepare_model(path)
-    pairs = _silu_bounded(prepared.graph, plan_quantization(prepared.graph, get_target("ort")))
+    pairs = silu_bounded(prepared.graph, plan_quantization(prepared.graph, get_target("ort")))
     if not pairs:
         pytest.skip(f"{path.name} has no SiLU")
     st = Stats.load(stats_path)

@@ -135,6 +135,7 @@ def accumulate(x, hist, e, offset):
 
 SUB_CHUNK = 1 << 30  # values counted between flushes: int32 sub-histograms cannot overflow
 FOLD_CHUNK = 32768  # values per step of fold_float32: 128 KB, still in L2 when the scatter reads them again
+INDEX_CHUNK = 4096  # bin indices computed at a time by _scatter_f32 (16 KB; 1K-8K measured, this the best)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -152,6 +153,48 @@ def _scatter(x, c, slots, inv, off):
         c[np.uint64(math.floor(np.float64(x[i + 1]) * inv) - off) + second] += 1
     for i in range(n2, x.size):
         c[np.uint64(math.floor(np.float64(x[i]) * inv) - off)] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _bin_indices_f32(x, idx, inv, off):
+    """idx[i] = floor(x[i] * inv) - off in float32 and int32 arithmetic, which vectorizes 16 values to an
+    instruction (the float64 route of _scatter does not fit a vector that wide). Exact when inv = 2**-e
+    with -126 <= e <= 0 (x * inv only moves the exponent up: no rounding, no underflow) and every index
+    fits in int32: see _f32_indices_are_exact."""
+    for i in range(x.size):
+        idx[i] = np.int32(np.floor(x[i] * inv)) - off
+
+
+@numba.njit(cache=True, nogil=True)
+def _count(idx, c, slots):
+    """Count bin indices into two interleaved int32 sub-histograms (c[:slots], c[slots:]), which together
+    fill L1; four would not fit (measured slower)."""
+    second = np.uint32(slots)
+    n2 = idx.size // 2 * 2
+    for i in range(0, n2, 2):
+        c[np.uint32(idx[i])] += 1
+        c[np.uint32(idx[i + 1]) + second] += 1
+    for i in range(n2, idx.size):
+        c[np.uint32(idx[i])] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _f32_indices_are_exact(e, offset, slots):
+    return -126 <= e <= 0 and -(2 ** 31) <= offset and offset + slots <= 2 ** 31 - 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_f32(x, c, slots, e, offset, idx):
+    """_scatter for float32 data on a grid that passes _f32_indices_are_exact: the indices of INDEX_CHUNK
+    values at a time in one vectorized pass, then counted; 1.3x faster than _scatter on yolov5n's
+    activations (measured), same counts."""
+    inv = np.float32(math.ldexp(1.0, -e))
+    off = np.int32(offset)
+    for start in range(0, x.size, idx.size):
+        end = min(start + idx.size, x.size)
+        part = idx[:end - start]
+        _bin_indices_f32(x[start:end], part, inv, off)
+        _count(part, c, slots)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -220,6 +263,7 @@ def fold_float32(x, hist, mn, mx, e, offset, n_finite, chunk):
     onnxruntime (measured). Returns (hist, mn, mx, e, offset, n_finite, n_nonfinite)."""
     slots = hist.size
     c = np.zeros(2 * slots, dtype=np.int32)
+    idx = np.empty(min(INDEX_CHUNK, max(chunk, 1)), dtype=np.int32)
     pending = 0
     n_nonfinite = 0
     for start in range(0, x.size, chunk):
@@ -246,7 +290,10 @@ def fold_float32(x, hist, mn, mx, e, offset, n_finite, chunk):
             if pending + part.size >= SUB_CHUNK:
                 _flush(c, hist)
                 pending = 0
-            _scatter(part, c, slots, math.ldexp(1.0, -e), np.int64(offset))
+            if _f32_indices_are_exact(e, offset, slots):
+                _scatter_f32(part, c, slots, e, offset, idx)
+            else:
+                _scatter(part, c, slots, math.ldexp(1.0, -e), np.int64(offset))
             pending += part.size
         else:
             if pending:
