@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .derived import (concat_unions, derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived,
+from .derived import (value_unions, derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived,
                       silu_bounded, union_sources)
 from .errors import OnnxqError, UsageError
 from .kernels import warm_up
@@ -214,7 +214,7 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         channel_tensors = {t for pair in depthwise_tensors(prepared.graph).values() for t in pair}
         unobserved = set(derived) | (set(bounded) - channel_tensors)  # observed where its channels are checked
         wanted = [t for t in plan.calibration_tensors() if t not in unobserved]
-        unions = concat_unions(prepared.graph, set(wanted) - channel_tensors, wanted)
+        unions = value_unions(prepared.graph, set(wanted) - channel_tensors, wanted)
         observed = [t for t in wanted if t not in unions]
 
         def histogram_needed(t):
@@ -480,7 +480,7 @@ def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=Non
     paths = list_images(calib, num_images=num_images, seed=seed)
     wanted = reusable_tensors(prepared)
     channel_tensors = {t for pair in depthwise_tensors(prepared.graph).values() for t in pair}
-    unions = concat_unions(prepared.graph, set(wanted) - channel_tensors, wanted)
+    unions = value_unions(prepared.graph, set(wanted) - channel_tensors, wanted)
     stats = calibrate(prepared.model, prepared.inputs, [t for t in wanted if t not in unions], paths, pp,
                       prepared.hash, batch_size=batch_size, workers=workers, threads=threads, progress=progress,
                       on_skip=on_skip, channel_tensors=channel_tensors)

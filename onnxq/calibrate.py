@@ -155,10 +155,12 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
             if item is None:
                 return
             try:
-                for name, value in zip(tensors, item):
+                for i, name in enumerate(tensors):
+                    value, item[i] = item[i], None  # back to onnxruntime's arena once folded, not with the batch
                     stats.observe(name, value, histogram=name not in minmax_only)
                     if name in channel_tensors:
                         stats.observe_channels(name, value)
+                    del value
             except BaseException as exc:  # surfaced in the main thread
                 failure.append(exc)
 
