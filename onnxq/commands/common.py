@@ -25,7 +25,9 @@ def add_calibration_arguments(parser):
                         help="calibration batch size for dynamic-batch models (default 8; static-batch models use 1)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="calibrate in N processes over shards of the images (same result as 1)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N", help="onnxruntime threads per worker")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="cores per worker (default: all of them over the workers); from 2 up they run two "
+                             "batches at once, each on half")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
