@@ -3,6 +3,7 @@
 For yolov5n and yolov8n, with 32, 128 and 512 images (coco128 cycled), each
 configuration in its own process:
   floor        plain FP32 onnxruntime inference over the same prepared images
+  floor-2runs  the same, two runs at once of one onnxruntime thread each (how onnxq schedules its runs)
   onnxq        onnxq quantize --calib (uh, W8A8, default ort target, bias correction on 32 images)
   onnxq-w2     the same with --workers 2
   ort-minmax / ort-percentile / ort-entropy   onnxruntime quantize_static (QDQ, per-channel)
@@ -12,7 +13,7 @@ are given: at 128 images that is more memory than this machine has (8.4 GB at
 32), so past 32 images the ort-* runs read the images in strides of 32 through
 onnxruntime's own `CalibStridedMinMax` option (its histograms merge across
 strides). The peers run up to `--peer-max` images (128).
-floor, onnxq and onnxq-w2 run `--repeat` times, interleaved, and the table
+floor, floor-2runs, onnxq and onnxq-w2 run `--repeat` times, interleaved, and the table
 shows the median of each: this shared 2-core machine moves one run's wall time
 by 20-50%.
 
@@ -31,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-KINDS = ["floor", "onnxq", "onnxq-w2", "ort-minmax", "ort-percentile", "ort-entropy", "nncf"]
-REPEATED = ("floor", "onnxq", "onnxq-w2")
+KINDS = ["floor", "floor-2runs", "onnxq", "onnxq-w2", "ort-minmax", "ort-percentile", "ort-entropy", "nncf"]
+REPEATED = ("floor", "floor-2runs", "onnxq", "onnxq-w2")
 ORT_STRIDE = 32  # images per onnxruntime collect_data call once the set is larger
 
 
@@ -55,6 +56,18 @@ def run_one(kind, model, n):
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         for x in batches:
             sess.run(None, {prepared.inputs.image: x})
+    elif kind == "floor-2runs":
+        from onnxq.calibrate import make_session, run_concurrently
+
+        # the floor scheduled as onnxq calibrates: two runs at once, one onnxruntime thread each
+        import onnx
+
+        prepared, batches = _prepared_batches(model, paths)
+        source = onnx.load(str(model))  # the file the floor runs, not onnxq's prepared copy
+        sess = make_session(source, threads=1)
+        outputs = [o.name for o in source.graph.output]
+        for _, done in run_concurrently(sess, outputs, batches, lambda x: {prepared.inputs.image: x}, 2):
+            done.result()
     elif kind.startswith("onnxq"):
         from onnxq.api import quantize_with_report
         from onnxq.model import save_model
