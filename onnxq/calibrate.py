@@ -84,7 +84,7 @@ def _exact_growth_arena() -> bool:
 def make_session(model: onnx.ModelProto, threads=None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failing run reaches the user as one line (OnnxqError), not a log too
     if _exact_growth_arena():
         opts.add_session_config_entry("session.use_env_allocators", "1")
     # no spinning: the histogram thread runs beside onnxruntime and needs the core spinning would burn

@@ -108,3 +108,22 @@ def huge_model(size_bytes):
         if node.op_type == "Conv" and node.input[0] == "r3":
             node.input[0] = "r3t"
     return m
+
+
+def fails_on_bright_images():
+    """conv_net whose r2 (a quantized conv's input) gets a value gathered at index floor(10 * max(image)) from a 5-entry table:
+    onnxruntime fails at run time (index out of range) on an image whose brightest pixel is over 0.5."""
+    table = numpy_helper.from_array(np.zeros(5, np.float32), "table")
+    ten = numpy_helper.from_array(np.array(10.0, np.float32), "ten")
+    extra = [helper.make_node("ReduceMax", ["images"], ["peak"], keepdims=0),
+             helper.make_node("Mul", ["peak", "ten"], ["peak10"]),
+             helper.make_node("Floor", ["peak10"], ["peak10f"]),
+             helper.make_node("Cast", ["peak10f"], ["index"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["table", "index"], ["picked"]),
+             helper.make_node("Add", ["r2", "picked"], ["r2t"])]
+    m = conv_net(extra_inits=[table, ten])
+    at = next(i for i, node in enumerate(m.graph.node) if node.op_type == "Conv" and node.input[0] == "r2")
+    m.graph.node[at].input[0] = "r2t"
+    for k, node in enumerate(extra):  # before the conv that reads them
+        m.graph.node.insert(at + k, node)
+    return m

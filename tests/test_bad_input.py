@@ -268,6 +268,23 @@ def test_interrupt_during_calibration_leaves_nothing(tmp_path, sig):
 
 # ---- determinism ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnxruntime_failing_on_an_image_names_it(tmp_path, threads):
+    """A run that fails inside onnxruntime (here an index computed from the pixels) stops calibration with
+    one line naming the image, whether it ran alone or beside another run."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (20, 20, 20)).save(folder / "0_dark.png")  # max 0.08: runs
+    Image.new("RGB", (40, 30), (250, 250, 250)).save(folder / "1_bright.png")  # max 0.98: index 9 of 5
+    Image.new("RGB", (40, 30), (30, 30, 30)).save(folder / "2_dark.png")
+    out = tmp_path / "out.onnx"
+    code, _, stderr = cli("quantize", save(mm.fails_on_bright_images(), tmp_path / "m.onnx"), out, "--calib",
+                          folder, "--threads", threads, "--no-progress")
+    line = one_line_error(stderr)
+    assert code == 1 and "onnxruntime failed during calibration on" in line and "1_bright.png" in line, line
+    assert not out.exists()
+
+
 def test_byte_identical_across_runs_and_workers(tmp_path):
     outs = []
     for i, workers in enumerate((1, 1, 2)):

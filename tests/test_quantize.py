@@ -192,6 +192,32 @@ def test_calibration_runs_only_what_the_observed_tensors_need():
         np.testing.assert_array_equal(a, b)
 
 
+def test_two_concurrent_runs_give_the_statistics_of_one():
+    """Calibration runs two batches at once (one onnxruntime thread each) where it has two cores; batches
+    then fold in whatever order they finish, and the statistics must not show it."""
+    from onnxq.api import depthwise_tensors, prepare_model, resolve_preprocess
+    from onnxq.calibrate import calibrate, split_threads
+    from onnxq.passes.select import plan_quantization
+    from onnxq.targets import get_target
+
+    assert [split_threads(n) for n in (1, 2, 3, 8)] == [(1, 1), (2, 1), (2, 1), (2, 4)]
+    prepared = prepare_model(MODELS_DIR / "yolox_nano_416.onnx")  # depthwise convs: per-channel maxima too
+    tensors = plan_quantization(prepared.graph, get_target("ort")).calibration_tensors()
+    channels = [t for pair in depthwise_tensors(prepared.graph).values() for t in pair if t in tensors]
+    assert channels
+    pp, _ = resolve_preprocess(prepared, None)
+    paths = list_images(CALIB_DIR / "images", num_images=6)
+    one, two = (calibrate(prepared.model, prepared.inputs, tensors, paths, pp, prepared.hash, batch_size=1,
+                          threads=threads, progress=False, channel_tensors=channels) for threads in (1, 2))
+    assert one.num_images == two.num_images == 6
+    for name in tensors:
+        a, b = one.tensors[name], two.tensors[name]
+        assert (a.mn, a.mx, a.n_finite, a.e, a.offset) == (b.mn, b.mx, b.n_finite, b.e, b.offset), name
+        np.testing.assert_array_equal(a.hist, b.hist)
+    for name in channels:
+        np.testing.assert_array_equal(one.channel_max[name], two.channel_max[name])
+
+
 def test_openvino_runs_the_quantized_convs_in_u8(tmp_path):
     from onnxq.backends.openvino import runtime_precisions
 
