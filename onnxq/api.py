@@ -304,7 +304,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     if bias_correction and calib is not None:
         t3 = time.perf_counter()
         bc_images = min(bias_correction, num_images) if num_images else bias_correction
-        out = _bias_corrected(prepared, float_graph, plan, act, weights, out, calib, pp, bc_images, seed, report)
+        out = _bias_corrected(prepared, float_graph, plan, act, weights, out, calib, pp, bc_images, seed, report,
+                              threads)
         report.seconds["bias_correction"] = round(time.perf_counter() - t3, 3)
     elif bias_correction:
         notes.append("bias correction skipped: it needs images (give --calib with --stats)")
@@ -368,7 +369,8 @@ def _keep_starved_depthwise_float(graph, plan, act, stats, report):
             act.pop(x, None)
 
 
-def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, calib, pp, num_images, seed, report):
+def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, calib, pp, num_images, seed, report,
+                    threads=None):
     from .correct import apply_bias_shift, conv_output_shift, measure_input_means
     from .images import iter_batches, list_images
 
@@ -383,7 +385,7 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
     paths = list_images(calib, num_images=num_images, seed=seed)
     batch = 8 if prepared.inputs.dynamic_batch else 1
     batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=batch))
-    measured = measure_input_means(quant_model, quantized, prepared.inputs, batches)
+    measured = measure_input_means(quant_model, quantized, prepared.inputs, batches, threads)
     means = {}
     for x, parts in sources.items():
         if all(f in measured for f, _, _ in parts):

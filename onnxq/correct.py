@@ -23,9 +23,9 @@ from .calibrate import _feed, cores, make_session, model_with_outputs, split_thr
 from .kernels.channels import channel_sums
 
 
-def measure_input_means(quant_model, tensors, inputs, batches):
+def measure_input_means(quant_model, tensors, inputs, batches, threads=None):
     """tensors: {float input tensor: its QParams, or None where it is not quantized}
-    -> {tensor: (E[x], E[Q(x)]) per channel}.
+    -> {tensor: (E[x], E[Q(x)]) per channel}, on `threads` cores (default: all).
 
     Only x is exposed; Q(x) is recomputed from it (kernels.channels): exposing the dequantized copy too
     keeps onnxruntime from fusing it into QLinearConv, and the pass ran 1.6x longer (measured). Two
@@ -34,7 +34,7 @@ def measure_input_means(quant_model, tensors, inputs, batches):
     added in batch order, so the result does not depend on which run finished first.
     """
     names = sorted(tensors)
-    runs, per_run = split_threads(cores())
+    runs, per_run = split_threads(threads or cores())
     sess = make_session(model_with_outputs(quant_model, names), per_run)
 
     def batch_sums(batch):
