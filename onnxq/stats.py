@@ -18,6 +18,7 @@ import onnx
 
 from .errors import OnnxqError
 from .fileio import write_bytes_atomic
+from .kernels.channels import channel_absmax
 from .kernels.histogram import GridHistogram, range_and_counts
 
 FORMAT_VERSION = 1
@@ -64,9 +65,7 @@ class Stats:
     def observe_channels(self, name, values: np.ndarray):
         if values.ndim < 2 or values.size == 0:
             return
-        v = np.abs(np.moveaxis(values, 1, 0).reshape(values.shape[1], -1))
-        m = np.nanmax(np.where(np.isfinite(v), v, np.nan), axis=1) if not np.isfinite(v).all() else v.max(axis=1)
-        m = np.nan_to_num(m.astype(np.float64), nan=0.0)
+        m = channel_absmax(values)
         old = self.channel_max.get(name)
         self.channel_max[name] = m if old is None or old.shape != m.shape else np.maximum(old, m)
 

@@ -1,6 +1,7 @@
 """Numba kernels against brute-force numpy references written here."""
 
 import math
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 
 from onnxq.kernels import histogram as H
 from onnxq.kernels import search as S
+from onnxq.kernels.channels import channel_absmax
 from onnxq.kernels.histogram import HIST_SLOTS, GridHistogram
 
 
@@ -562,3 +564,22 @@ def test_vectorized_bin_indices_cover_both_grid_windows():
     exact = [bool(H._f32_indices_are_exact(int(e), int(o), HIST_SLOTS)) for e, o in grids]
     assert exact == [case[2] for case in VECTOR_GRID_CASES]
     assert [int(e) for e, _ in grids[1:5]] == [-126, 0, 0, -127]  # the window's edges, and one past
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_channel_absmax_skips_nan_and_inf_like_nanmax(dtype):
+    """Per-channel max |x| on the bit patterns equals numpy's nanmax over the finite values: negative
+    peaks count by magnitude, NaN/+-Inf are skipped, a channel with no finite value gives 0."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 9, 5, 7)).astype(dtype)
+    x[0, 1, 0, 0], x[2, 2, 4, 6], x[1, 3, 2, 2] = np.nan, np.inf, -np.inf
+    x[:, 4] = np.nan
+    x[1, 5, 3, 3] = -300.0  # the channel's peak is negative
+    x[:, 6] = -0.0
+    a = np.abs(x.astype(np.float64)).transpose(1, 0, 2, 3).reshape(9, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # channel 4: all NaN
+        expected = np.nan_to_num(np.nanmax(np.where(np.isfinite(a), a, np.nan), axis=1), nan=0.0)
+    got = channel_absmax(x)
+    assert got.dtype == np.float64 and got[5] == 300.0 and got[4] == 0.0 and got[6] == 0.0
+    np.testing.assert_array_equal(got, expected)

@@ -16,6 +16,7 @@ from . import channels, histogram, search  # noqa: F401
 def _load_calibration_kernels():
     histogram.fold_float32(np.zeros(2, np.float32), np.zeros(2, np.int64), np.inf, -np.inf, 0, 0, 0, 2)
     histogram.finite_minmax(np.zeros(2, np.float32))
+    channels.channel_absmax(np.zeros((1, 1, 1), np.float32))  # weights' scales, depthwise inputs
 
 
 def warm_up() -> threading.Thread:

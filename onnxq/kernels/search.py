@@ -25,6 +25,8 @@ import math
 import numba
 import numpy as np
 
+from .channels import channel_absmax
+
 F32_MAX = float(np.finfo(np.float32).max)
 F32_TINY = float(np.finfo(np.float32).tiny)  # smallest normal float32
 _MAX_CANDIDATES = 16384  # per side; more (only with inconsistent inputs) are strided
@@ -680,26 +682,10 @@ def entropy_range(counts, lo_edge, width, mn, mx, bits, symmetric, num_quant_bin
     return float(lo), float(hi)
 
 
-@numba.njit(cache=True, nogil=True)
-def _rows_absmax(w2):
-    out = np.zeros(w2.shape[0])
-    for r in range(w2.shape[0]):
-        m = 0.0
-        for k in range(w2.shape[1]):
-            v = abs(np.float64(w2[r, k]))
-            if v > m:  # NaN never wins
-                m = v
-        out[r] = m
-    return out
-
-
 def per_channel_absmax(w, axis):
-    """max |w| over every axis but `axis` (float64 per channel; all-zero channels give 0)."""
+    """max |w| over every axis but `axis` (float64 per channel; all-zero channels give 0; NaN/Inf skipped)."""
     w = np.asarray(w)
-    if w.dtype not in (np.float32, np.float64):
-        w = w.astype(np.float64)
     if w.ndim == 0:
         w = w.reshape(1)
     axis = axis % w.ndim
-    rows = np.ascontiguousarray(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1))
-    return _rows_absmax(rows)
+    return channel_absmax(np.moveaxis(w, axis, 0).reshape(1, w.shape[axis], -1))
