@@ -167,11 +167,13 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
     worker = threading.Thread(target=fold, daemon=True)
     worker.start()
     skipped = []
+    batches = finished = None
     try:
         batches = iter_batches(paths, inputs.hw, pp, batch_size=batch_size, threads=decode_threads,
                                on_skip=lambda p, why: skipped.append((p, why)), require_readable=False)
         # the statistics do not depend on the order batches fold in (see kernels.histogram)
-        for batch, done in run_concurrently(session, tensors, batches, lambda b: _feed(inputs, b.images), runs):
+        finished = run_concurrently(session, tensors, batches, lambda b: _feed(inputs, b.images), runs)
+        for batch, done in finished:
             try:
                 outs = done.result()
             except Exception as exc:
@@ -184,6 +186,10 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
             if progress_cb:
                 progress_cb(len(batch.paths))
     finally:
+        if finished is not None:  # on an error: wait for the runs in flight, stop the image decoders
+            finished.close()
+        if batches is not None:
+            batches.close()
         pending.put(None)
         worker.join()
     if failure:
