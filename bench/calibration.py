@@ -66,7 +66,7 @@ def run_one(kind, model, n):
         source = onnx.load(str(model))  # the file the floor runs, not onnxq's prepared copy
         sess = make_session(source, threads=1)
         outputs = [o.name for o in source.graph.output]
-        for _, done in run_concurrently(sess, outputs, batches, lambda x: {prepared.inputs.image: x}, 2):
+        for _, done in run_concurrently(lambda x: sess.run(outputs, {prepared.inputs.image: x}), batches, 2):
             done.result()
     elif kind.startswith("onnxq"):
         from onnxq.api import quantize_with_report

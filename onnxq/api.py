@@ -16,8 +16,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .derived import (value_unions, derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived,
-                      silu_bounded, union_sources)
+from .derived import (derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived, silu_bounded,
+                      union_sources, value_unions)
 from .errors import OnnxqError, UsageError
 from .kernels import warm_up
 from .model import find_inputs, infer_shapes, load_model
@@ -211,11 +211,10 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
             if on_skip:
                 on_skip(path, why)
 
-        channel_tensors = {t for pair in depthwise_tensors(prepared.graph).values() for t in pair}
+        channel_tensors = _channel_tensors(prepared.graph)
         unobserved = set(derived) | (set(bounded) - channel_tensors)  # observed where its channels are checked
-        wanted = [t for t in plan.calibration_tensors() if t not in unobserved]
-        unions = value_unions(prepared.graph, set(wanted) - channel_tensors, wanted)
-        observed = [t for t in wanted if t not in unions]
+        observed, unions = _observed_and_unions(prepared.graph,
+                                                [t for t in plan.calibration_tensors() if t not in unobserved])
 
         def histogram_needed(t):
             return needs_histogram(cfg, plan.root_site(t).one_sided, plan.root_site(t).direct)
@@ -323,6 +322,18 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 # STARVED_LEVELS quantization steps reaches its output as noise, with nothing to average it out.
 STARVED_LEVELS = 4
 STARVED_LIMIT = 0.05  # keep the depthwise conv float when more than this share of channels starve
+
+
+def _channel_tensors(graph) -> set:
+    """Tensors whose per-channel maxima calibration keeps: depthwise convs' inputs and outputs."""
+    return {t for pair in depthwise_tensors(graph).values() for t in pair}
+
+
+def _observed_and_unions(graph, wanted):
+    """(tensors calibration reads, {tensor: its sources} for those derived instead: derived.value_unions).
+    A tensor whose channel maxima are kept is read, since those do not merge like its values do."""
+    unions = value_unions(graph, set(wanted) - _channel_tensors(graph), wanted)
+    return [t for t in wanted if t not in unions], unions
 
 
 def depthwise_tensors(graph) -> dict:
@@ -480,11 +491,9 @@ def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=Non
     prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
     pp, source = resolve_preprocess(prepared, preprocess)
     paths = list_images(calib, num_images=num_images, seed=seed)
-    wanted = reusable_tensors(prepared)
-    channel_tensors = {t for pair in depthwise_tensors(prepared.graph).values() for t in pair}
-    unions = value_unions(prepared.graph, set(wanted) - channel_tensors, wanted)
-    stats = calibrate(prepared.model, prepared.inputs, [t for t in wanted if t not in unions], paths, pp,
-                      prepared.hash, batch_size=batch_size, workers=workers, threads=threads, progress=progress,
-                      on_skip=on_skip, channel_tensors=channel_tensors)
+    observed, unions = _observed_and_unions(prepared.graph, reusable_tensors(prepared))
+    stats = calibrate(prepared.model, prepared.inputs, observed, paths, pp, prepared.hash, batch_size=batch_size,
+                      workers=workers, threads=threads, progress=progress, on_skip=on_skip,
+                      channel_tensors=_channel_tensors(prepared.graph))
     derive_unions(stats, unions)  # saved like the observed ones: the same statistics
     return stats, prepared.inputs.notes + [f"preprocessing {pp.describe()} ({source})"]

@@ -126,18 +126,18 @@ def split_threads(threads: int) -> tuple:
     return runs, max(1, threads // runs)
 
 
-def run_concurrently(session, names, batches, feed_of, runs):
-    """Yield (batch, future of session.run(names, feed_of(batch))), `runs` at a time, as each finishes.
+def run_concurrently(work, batches, runs):
+    """Yield (batch, future of work(batch)), `runs` at a time, as each finishes.
 
-    onnxruntime releases the GIL and one session may run from several threads at once, sharing its
-    weights and arena."""
+    For onnxruntime runs: it releases the GIL, and one session may run from several threads at once,
+    sharing its weights and arena."""
     with ThreadPoolExecutor(max_workers=runs, thread_name_prefix="onnxq-run") as pool:
         running = {}
         for batch in batches:
             if len(running) >= runs:
                 for done in wait(running, return_when=FIRST_COMPLETED).done:
                     yield running.pop(done), done
-            running[pool.submit(session.run, names, feed_of(batch))] = batch
+            running[pool.submit(work, batch)] = batch
         for done in as_completed(list(running)):
             yield running.pop(done), done
 
@@ -172,7 +172,7 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
         batches = iter_batches(paths, inputs.hw, pp, batch_size=batch_size, threads=decode_threads,
                                on_skip=lambda p, why: skipped.append((p, why)), require_readable=False)
         # the statistics do not depend on the order batches fold in (see kernels.histogram)
-        finished = run_concurrently(session, tensors, batches, lambda b: _feed(inputs, b.images), runs)
+        finished = run_concurrently(lambda b: session.run(tensors, _feed(inputs, b.images)), batches, runs)
         for batch, done in finished:
             try:
                 outs = done.result()

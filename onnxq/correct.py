@@ -14,12 +14,10 @@ error is corrected: correcting each layer for what the layers before it did,
 all at once, over-corrects (measured). Means stream batch by batch.
 """
 
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .calibrate import _feed, cores, make_session, model_with_outputs, split_threads
+from .calibrate import _feed, cores, make_session, model_with_outputs, run_concurrently, split_threads
 from .kernels.channels import channel_sums
 
 
@@ -41,17 +39,10 @@ def measure_input_means(quant_model, tensors, inputs, batches, threads=None):
         outs = sess.run(names, _feed(inputs, batch))
         return [channel_sums(value, tensors[x]) for x, value in zip(names, outs)]  # Numba: GIL released
 
-    per_batch, running = [], set()
-    with ThreadPoolExecutor(max_workers=runs) as pool:
-        for batch in batches:
-            if len(running) == runs:
-                running = wait(running, return_when=FIRST_COMPLETED).not_done
-            future = pool.submit(batch_sums, batch)
-            per_batch.append(future)
-            running.add(future)
-        per_batch = [f.result() for f in per_batch]
+    per_batch = {i: done.result() for (i, _), done in run_concurrently(lambda item: batch_sums(item[1]),
+                                                                        enumerate(batches), runs)}
     sums = {}
-    for results in per_batch:
+    for _, results in sorted(per_batch.items()):
         for x, (sx, sq, n) in zip(names, results):
             acc = sums.setdefault(x, [0.0, 0.0, 0])
             acc[0] = acc[0] + sx
