@@ -4,6 +4,7 @@
 what the CLI prints and `--report` writes. Saving is the caller's (atomic).
 """
 
+import functools
 import json
 import os
 import time
@@ -144,6 +145,23 @@ def resolve_preprocess(prepared: Prepared, explicit: Preprocess | None, explicit
     return PRESETS["ultralytics"], "preset ultralytics (default; pass --preset or flags to change)"
 
 
+def _with_workers(fn):
+    """Start the calibration worker processes as `fn` begins, so that they get ready (Python, onnxruntime,
+    Numba: 0.75 s) while it prepares the model, and stop them when it returns."""
+
+    @functools.wraps(fn)
+    def started_first(model, calib=None, *, workers=1, **options):
+        from .calibrate import Workers
+
+        if calib is None or options.get("stats") is not None or isinstance(workers, Workers) or int(workers) <= 1:
+            return fn(model, calib, workers=workers, **options)
+        with Workers(workers) as started:
+            return fn(model, calib, workers=started, **options)
+
+    return started_first
+
+
+@_with_workers
 def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8, a_bits=8, symmetric=None,
                          percentile=99.99, target="ort", keep_first=None, keep_head=None, exclude=(),
                          preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
@@ -481,6 +499,7 @@ def reusable_tensors(prepared: Prepared) -> list:
     return sorted(names)
 
 
+@_with_workers
 def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
                   batch_size=None, workers=1, threads=None, progress=False, on_skip=None):
     """Calibrate once for every later method, bit width and target. Returns (Stats, notes)."""

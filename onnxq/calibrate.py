@@ -5,18 +5,19 @@ Each batch's activations are folded into fixed-size histograms and dropped,
 so memory does not grow with the number of images. Images are decoded in
 background threads (onnxq.images.iter_batches) while the model runs, and the
 histogram update of batch k runs in a thread (Numba releases the GIL) while
-onnxruntime computes batch k+1. `workers > 1` shards the images across
-processes; the power-of-two histogram grid makes the merged statistics
-identical to one worker's.
+onnxruntime computes batch k+1. With `workers > 1` processes claim the
+images one at a time (Workers); the power-of-two histogram grid makes the
+merged statistics identical to one worker's.
 """
 
 import functools
-import math
 import multiprocessing as mp
 import os
 import queue
 import threading
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
+from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -198,23 +199,40 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
     return skipped
 
 
-def _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, counter, channel_tensors,
-                minmax_only):
-    """Worker-process entry point: statistics of one shard of the images."""
-    from .kernels import warm_up
+@dataclass
+class Shard:
+    """What a process needs to count the images it claims from `paths` (pickled to the workers)."""
 
-    warm_up()  # while the model loads
-    model = onnx.load_from_string(model_bytes)
-    pp = Preprocess.from_dict(pp_dict)
-    stats = Stats(hash_, pp_dict, inputs.hw)
+    model_bytes: bytes
+    inputs: object  # model.ModelInputs
+    tensors: list
+    paths: list
+    preprocess: dict
+    model_hash: str
+    batch_size: int
+    threads: int  # cores for this process's runs
+    channel_tensors: frozenset
+    minmax_only: frozenset
 
-    def tick(n):
-        with counter.get_lock():
-            counter.value += n
+    def count(self, next_image, tick, model=None, decode_threads=1):
+        """(Stats, skipped) of the images claimed through `next_image`; tick(n) after each batch."""
+        model = onnx.load_from_string(self.model_bytes) if model is None else model
+        stats = Stats(self.model_hash, self.preprocess, self.inputs.hw)
+        skipped = _run_shard(model, self.inputs, self.tensors, _claimed(self.paths, next_image),
+                             Preprocess.from_dict(self.preprocess), self.batch_size, self.threads, stats, tick,
+                             decode_threads=decode_threads, channel_tensors=self.channel_tensors,
+                             minmax_only=self.minmax_only)
+        return stats, skipped
 
-    skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, tick, decode_threads=1,
-                         channel_tensors=channel_tensors, minmax_only=minmax_only)
-    return stats, skipped
+
+def merge_shards(results, paths):
+    """One (Stats, skipped) from every process's, the skipped images in the order of `paths`."""
+    stats, skipped = results[0][0], list(results[0][1])
+    for s, sk in results[1:]:
+        stats = stats.merge(s)
+        skipped.extend(sk)
+    order = {Path(p): i for i, p in enumerate(paths)}  # as a process reports them
+    return stats, sorted(skipped, key=lambda item: order.get(Path(item[0]), len(order)))
 
 
 def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_size=None, workers=1,
@@ -232,10 +250,14 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
         batch_size = 8 if inputs.dynamic_batch else 1
     if not inputs.dynamic_batch:
         batch_size = 1  # a static-batch model takes one image at a time
-    workers = max(1, min(int(workers), len(paths)))
+    if not isinstance(workers, Workers):
+        with Workers(min(int(workers), len(paths))) as started:
+            return calibrate(model, inputs, tensors, paths, pp, model_hash, batch_size=batch_size, workers=started,
+                             threads=threads, progress=progress, on_skip=on_skip, channel_tensors=channel_tensors,
+                             minmax_only=minmax_only)
     bar = tqdm(total=len(paths), desc="calibrating", unit="img", disable=not progress, leave=False)
     try:
-        if workers == 1:
+        if workers.count == 1:
             stats = Stats(model_hash, pp.to_dict(), inputs.hw)
             skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, bar.update,
                                  decode_threads=2, channel_tensors=channel_tensors, minmax_only=minmax_only)
@@ -253,51 +275,135 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
     return stats
 
 
-def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size, workers, threads, bar,
+class Workers:
+    """Calibration processes besides this one, started ahead of the work so that their start-up (Python,
+    onnxruntime, Numba: about 0.75 s of a core) overlaps the model's preparation rather than the first images.
+
+    Images are claimed one at a time from an index all processes share, so a process that started late or
+    runs slower counts fewer of them and all finish together; the statistics do not depend on which process
+    counted which image (see kernels.histogram). Use as a context manager: leaving it on an error stops the
+    workers at once, without waiting for the image they are on.
+    """
+
+    def __init__(self, count: int):
+        self.count = max(1, int(count))
+        self._procs, self._jobs = [], []
+        if self.count == 1:
+            return
+        ctx = mp.get_context("spawn")  # the parent holds onnxruntime threads: never fork them
+        self.counted = ctx.Value("q", 0)  # images the workers have counted (progress)
+        self.next_image = ctx.Value("q", 0)  # the next unclaimed image of the current set
+        self._results = ctx.Queue()
+        self._jobs = [ctx.Queue() for _ in range(self.count - 1)]  # one each: every worker runs every job
+        for jobs in self._jobs:
+            proc = ctx.Process(target=_worker_main, name="onnxq-calibrate", daemon=True,
+                               args=(jobs, self._results, self.counted, self.next_image))
+            proc.start()
+            self._procs.append(proc)
+
+    def run(self, shard: "Shard", own_share, tick):
+        """Every worker counts what it claims of `shard` while this process runs own_share(); the results,
+        this process's first."""
+        self.counted.value = 0
+        self.next_image.value = 0
+        for jobs in self._jobs:
+            jobs.put(shard)
+        try:
+            results = [own_share()]
+        except BaseException:
+            self.stop_claiming()
+            raise
+        while len(results) < self.count:
+            try:
+                ok, value = self._results.get(timeout=0.2)
+            except queue.Empty:
+                tick()
+                dead = [p for p in self._procs if p.exitcode is not None]
+                if dead and self._results.empty():
+                    raise OnnxqError(f"a calibration worker process stopped (exit code {dead[0].exitcode}); from a "
+                                     "script, call onnxq under `if __name__ == '__main__':` (worker processes "
+                                     "re-import the main module)") from None
+                continue
+            if not ok:
+                raise value
+            results.append(value)
+        tick()
+        return results
+
+    def stop_claiming(self):
+        with self.next_image.get_lock():
+            self.next_image.value = _NO_MORE_IMAGES
+
+    def close(self, error=False):
+        for proc, jobs in zip(self._procs, self._jobs):
+            if error:
+                proc.terminate()
+                jobs.cancel_join_thread()  # what it had not sent yet is dropped, not waited for at exit
+            else:
+                jobs.put(None)
+        for proc in self._procs:
+            proc.join(timeout=None if error else 10)
+            if proc.exitcode is None:
+                proc.terminate()
+                proc.join()
+        self._procs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.close(error=exc_type is not None)
+
+
+_NO_MORE_IMAGES = 1 << 62
+
+
+def _claimed(paths, next_image):
+    """The images of `paths` this process claims, one at a time, from the index all processes share."""
+    while True:
+        with next_image.get_lock():
+            i = next_image.value
+            next_image.value = i + 1
+        if i >= len(paths):
+            return
+        yield paths[i]
+
+
+def _worker_main(jobs, results, counted, next_image):
+    """A worker process: set Numba up while waiting, then run each job until None arrives."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
+    from .kernels import warm_up
+
+    warm_up()  # in a thread: the first job's model loads meanwhile
+
+    def tick(n):
+        with counted.get_lock():
+            counted.value += n
+
+    while (shard := jobs.get()) is not None:
+        try:
+            results.put((True, shard.count(next_image, tick)))
+        except BaseException as exc:
+            with next_image.get_lock():
+                next_image.value = _NO_MORE_IMAGES  # the other processes stop claiming too
+            # pickled to the parent: keep only what is sure to travel, the message
+            results.put((False, exc if isinstance(exc, OnnxqError) else OnnxqError(f"{type(exc).__name__}: {exc}")))
+
+
+def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size, workers: Workers, threads, bar,
                         channel_tensors, minmax_only):
-    """The first shard runs in this process (already started, model loaded); the others in spawned
-    processes, each with its share of the cores."""
-    per_worker = threads or max(1, cores() // workers)
-    size = math.ceil(len(paths) / workers)
-    shards = [paths[i * size:(i + 1) * size] for i in range(workers)]
-    shards = [s for s in shards if s]
-    ctx = mp.get_context("spawn")  # the parent holds onnxruntime threads: never fork them
-    counter = ctx.Value("q", 0)
-    model_bytes = model.SerializeToString()
+    """This process and the workers claim the images one by one, each with its share of the cores."""
+    shard = Shard(model.SerializeToString(), inputs, tensors, paths, pp.to_dict(), model_hash, batch_size,
+                  threads or max(1, cores() // workers.count), channel_tensors, minmax_only)
     seen = 0
 
-    def tick(n):  # this process's images, and the workers' counted so far
+    def tick(n=0):  # this process's images, and the workers' counted so far
         nonlocal seen
-        now = counter.value
+        now = workers.counted.value
         bar.update(n + now - seen)
         seen = now
 
-    with ProcessPoolExecutor(max_workers=max(1, len(shards) - 1), mp_context=ctx, initializer=_init_counter,
-                             initargs=(counter,)) as pool:
-        futures = [pool.submit(_shard_entry, model_bytes, inputs, tensors, shard, pp.to_dict(), batch_size,
-                               per_worker, model_hash, channel_tensors, minmax_only) for shard in shards[1:]]
-        stats = Stats(model_hash, pp.to_dict(), inputs.hw)
-        skipped = list(_run_shard(model, inputs, tensors, shards[0], pp, batch_size, per_worker, stats, tick,
-                                  decode_threads=1, channel_tensors=channel_tensors, minmax_only=minmax_only))
-        while wait(futures, timeout=0.2).not_done:
-            tick(0)
-        results = [f.result() for f in futures]
-        tick(0)
-    for s, sk in results:
-        stats = stats.merge(s)
-        skipped.extend(sk)
-    return stats, skipped
-
-
-_COUNTER = None
-
-
-def _init_counter(counter):
-    global _COUNTER
-    _COUNTER = counter
-
-
-def _shard_entry(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, channel_tensors,
-                 minmax_only):
-    return _shard_main(model_bytes, inputs, tensors, paths, pp_dict, batch_size, threads, hash_, _COUNTER,
-                       channel_tensors, minmax_only)
+    results = workers.run(shard, lambda: shard.count(workers.next_image, tick, model=model), tick)
+    return merge_shards(results, paths)

@@ -174,23 +174,22 @@ def iter_batches(paths, hw, pp: Preprocess, batch_size=1, threads=2, on_skip=Non
     `require_readable`: a shard of a larger set may hold only bad files). Closing the
     generator early (break, exception, Ctrl-C in the consumer) stops the workers.
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise OnnxqError("no image files to read")
     if batch_size < 1 or threads < 1 or prefetch < 1:
         raise ValueError(f"batch_size, threads and prefetch must be at least 1: {batch_size}, {threads}, {prefetch}")
     stop = threading.Event()
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onnxq-decode")
     pending = deque()
     window = prefetch * batch_size
-    feed = iter(paths)
+    feed = iter(paths)  # a list, or paths claimed one by one from a set shared with other processes
+    seen = []  # for the error naming them all
 
     def top_up():
         while len(pending) < window:
             p = next(feed, None)
             if p is None:
                 return
-            pending.append(pool.submit(_load_prepared, p, hw, pp, stop))
+            seen.append(Path(p))
+            pending.append(pool.submit(_load_prepared, seen[-1], hw, pp, stop))
 
     try:
         top_up()
@@ -213,7 +212,9 @@ def iter_batches(paths, hw, pp: Preprocess, batch_size=1, threads=2, on_skip=Non
         if images:
             yield Batch(_stacked(images), transforms, done)
         if ok == 0 and require_readable:
-            raise unreadable_error(paths, first_error)
+            if not seen:
+                raise OnnxqError("no image files to read")
+            raise unreadable_error(seen, first_error)
     finally:
         stop.set()
         for f in pending:

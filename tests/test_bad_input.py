@@ -250,15 +250,19 @@ def test_atomic_output_gets_a_normal_file_mode(tmp_path):
         os.umask(old)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_during_calibration_leaves_nothing(tmp_path, sig):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)])
+def test_interrupt_during_calibration_leaves_nothing(tmp_path, sig, workers):
+    """SIGINT goes to the whole process group, as Ctrl-C in a terminal sends it: worker processes too."""
     out = tmp_path / "q.onnx"
     proc = subprocess.Popen([sys.executable, "-m", "onnxq", "quantize", str(MODELS_DIR / "yolov8n_from-int8_640.onnx"),
-                             str(out), "--calib", str(CALIB_DIR / "images")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             str(out), "--calib", str(CALIB_DIR / "images"), "--workers", str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     time.sleep(6)  # imports done, calibration of 128 images at 640 under way (the whole run takes about 13 s)
     assert proc.poll() is None, "finished before the signal: the test needs a longer run"
-    proc.send_signal(sig)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted, nothing written" in err
@@ -268,10 +272,10 @@ def test_interrupt_during_calibration_leaves_nothing(tmp_path, sig):
 
 # ---- determinism ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_onnxruntime_failing_on_an_image_names_it(tmp_path, threads):
+@pytest.mark.parametrize("threads, workers", [(1, 1), (2, 1), (1, 2)])
+def test_onnxruntime_failing_on_an_image_names_it(tmp_path, threads, workers):
     """A run that fails inside onnxruntime (here an index computed from the pixels) stops calibration with
-    one line naming the image, whether it ran alone or beside another run."""
+    one line naming the image, whether it ran alone, beside another run or in another process."""
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.new("RGB", (40, 30), (20, 20, 20)).save(folder / "0_dark.png")  # max 0.08: runs
@@ -279,7 +283,7 @@ def test_onnxruntime_failing_on_an_image_names_it(tmp_path, threads):
     Image.new("RGB", (40, 30), (30, 30, 30)).save(folder / "2_dark.png")
     out = tmp_path / "out.onnx"
     code, _, stderr = cli("quantize", save(mm.fails_on_bright_images(), tmp_path / "m.onnx"), out, "--calib",
-                          folder, "--threads", threads, "--no-progress")
+                          folder, "--threads", threads, "--workers", workers, "--no-progress")
     line = one_line_error(stderr)
     assert code == 1 and "onnxruntime failed during calibration on" in line and "1_bright.png" in line, line
     assert not out.exists()
@@ -310,3 +314,15 @@ def test_a_worker_given_only_unreadable_files_does_not_fail_the_run(tmp_path):
     code, _, stderr = cli("quantize", SMALL, out, "--calib", folder, "--workers", 2, "--no-progress")
     assert code == 0, stderr
     assert stderr.count("skipped") == 2 and out.exists()
+
+
+def test_workers_from_a_script_without_a_main_guard_fail_with_the_fix_not_a_hang(tmp_path):
+    """Worker processes start by re-importing the main module; a script that calls onnxq at its top level
+    then starts calibration again in the worker, which dies. The caller gets the fix, and the process exits
+    (a job still queued for the dead worker must not hold it at exit)."""
+    script = tmp_path / "quantize_it.py"
+    script.write_text("from onnxq.api import quantize\n"
+                      f"quantize({str(SMALL)!r}, {str(CALIB_DIR / 'images')!r}, num_images=4, workers=2)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "a calibration worker process stopped" in proc.stderr and "__name__ == '__main__'" in proc.stderr

@@ -192,9 +192,10 @@ def test_calibration_runs_only_what_the_observed_tensors_need():
         np.testing.assert_array_equal(a, b)
 
 
-def test_two_concurrent_runs_give_the_statistics_of_one():
-    """Calibration runs two batches at once (one onnxruntime thread each) where it has two cores; batches
-    then fold in whatever order they finish, and the statistics must not show it."""
+def test_concurrent_runs_and_worker_processes_give_the_statistics_of_one():
+    """Calibration runs two batches at once (one onnxruntime thread each) where it has two cores, and with
+    --workers the processes claim images as they go; batches then fold in whatever order they finish, in
+    whichever process claimed them, and the statistics must not show it."""
     from onnxq.api import depthwise_tensors, prepare_model, resolve_preprocess
     from onnxq.calibrate import calibrate, split_threads
     from onnxq.passes.select import plan_quantization
@@ -206,16 +207,74 @@ def test_two_concurrent_runs_give_the_statistics_of_one():
     channels = [t for pair in depthwise_tensors(prepared.graph).values() for t in pair if t in tensors]
     assert channels
     pp, _ = resolve_preprocess(prepared, None)
+    paths = list_images(CALIB_DIR / "images", num_images=7)
+    one, *others = (calibrate(prepared.model, prepared.inputs, tensors, paths, pp, prepared.hash, batch_size=1,
+                              threads=threads, workers=workers, progress=False, channel_tensors=channels)
+                    for threads, workers in ((1, 1), (2, 1), (1, 2), (1, 3)))
+    for other in others:
+        assert one.num_images == other.num_images == 7
+        for name in tensors:
+            a, b = one.tensors[name], other.tensors[name]
+            assert (a.mn, a.mx, a.n_finite, a.e, a.offset) == (b.mn, b.mx, b.n_finite, b.e, b.offset), name
+            np.testing.assert_array_equal(a.hist, b.hist)
+        for name in channels:
+            np.testing.assert_array_equal(one.channel_max[name], other.channel_max[name])
+
+
+def test_worker_processes_claim_every_image_and_merge_to_one_process_statistics():
+    """Workers claim images one at a time from a shared index; here this process claims none, so the two
+    worker processes count all of them between them, each image once."""
+    from onnxq.api import prepare_model, resolve_preprocess
+    from onnxq.calibrate import Shard, Workers, calibrate, merge_shards
+    from onnxq.passes.select import plan_quantization
+    from onnxq.stats import Stats
+    from onnxq.targets import get_target
+
+    prepared = prepare_model(MODELS_DIR / "yolov5n_v6.1_640.onnx")
+    tensors = plan_quantization(prepared.graph, get_target("ort")).calibration_tensors()[:20]
+    pp, _ = resolve_preprocess(prepared, None)
     paths = list_images(CALIB_DIR / "images", num_images=6)
-    one, two = (calibrate(prepared.model, prepared.inputs, tensors, paths, pp, prepared.hash, batch_size=1,
-                          threads=threads, progress=False, channel_tensors=channels) for threads in (1, 2))
-    assert one.num_images == two.num_images == 6
+    paths.insert(3, paths[0].parent / "missing.jpg")  # an image no process can read
+    shard = Shard(prepared.model.SerializeToString(), prepared.inputs, tensors, paths, pp.to_dict(), prepared.hash,
+                  batch_size=1, threads=1, channel_tensors=frozenset(), minmax_only=frozenset())
+    with Workers(3) as workers:
+        results = workers.run(shard, lambda: (Stats(prepared.hash, pp.to_dict(), prepared.inputs.hw), []),
+                              tick=lambda: None)
+        assert workers.counted.value == 6
+    assert len(results) == 3 and results[0][0].num_images == 0
+    merged, skipped = merge_shards(results, paths)
+    one = calibrate(prepared.model, prepared.inputs, tensors, paths, pp, prepared.hash, progress=False)
+    assert merged.num_images == one.num_images == 6 and [p.name for p, _ in skipped] == ["missing.jpg"]
     for name in tensors:
-        a, b = one.tensors[name], two.tensors[name]
-        assert (a.mn, a.mx, a.n_finite, a.e, a.offset) == (b.mn, b.mx, b.n_finite, b.e, b.offset), name
+        a, b = one.tensors[name], merged.tensors[name]
+        assert (a.mn, a.mx, a.n_finite) == (b.mn, b.mx, b.n_finite), name
         np.testing.assert_array_equal(a.hist, b.hist)
-    for name in channels:
-        np.testing.assert_array_equal(one.channel_max[name], two.channel_max[name])
+
+
+def test_a_failing_worker_stops_calibration_with_its_error_and_leaves_no_process(tmp_path):
+    import multiprocessing
+
+    from make_models import fails_on_bright_images
+    from PIL import Image
+
+    from onnxq.api import prepare_model
+    from onnxq.calibrate import Shard, Workers
+    from onnxq.errors import OnnxqError
+    from onnxq.preprocess import PRESETS
+    from onnxq.stats import Stats
+
+    for i in range(6):
+        Image.new("RGB", (40, 30), (20, 20, 20)).save(tmp_path / f"{i}_dark.png")
+    Image.new("RGB", (40, 30), (250, 250, 250)).save(tmp_path / "6_bright.png")
+    paths = sorted(tmp_path.glob("*.png"))
+    prepared = prepare_model(fails_on_bright_images())
+    pp = PRESETS["ultralytics"].to_dict()
+    shard = Shard(prepared.model.SerializeToString(), prepared.inputs, [prepared.model.graph.output[0].name], paths,
+                  pp, prepared.hash, batch_size=1, threads=1, channel_tensors=frozenset(), minmax_only=frozenset())
+    with pytest.raises(OnnxqError, match="onnxruntime failed during calibration on .*6_bright.png"):
+        with Workers(2) as workers:  # this process claims nothing: the worker meets the bright image
+            workers.run(shard, lambda: (Stats(prepared.hash, pp, prepared.inputs.hw), []), tick=lambda: None)
+    assert multiprocessing.active_children() == []
 
 
 def test_openvino_runs_the_quantized_convs_in_u8(tmp_path):
