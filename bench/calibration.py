@@ -5,7 +5,7 @@ configuration in its own process:
   floor        plain FP32 onnxruntime inference over the same prepared images
   floor-2runs  the same, two runs at once of one onnxruntime thread each (how onnxq schedules its runs)
   onnxq        onnxq quantize --calib (uh, W8A8, default ort target, bias correction on 32 images)
-  onnxq-w2     the same with --workers 2
+  onnxq-w2     the same with --workers 2 (peak RSS: this process's plus its worker's)
   ort-minmax / ort-percentile / ort-entropy   onnxruntime quantize_static (QDQ, per-channel)
   nncf         nncf.quantize defaults, subset_size = number of images
 onnxruntime's histogram calibrators keep every activation of every image they
@@ -124,7 +124,8 @@ def run_one(kind, model, n):
     else:
         raise SystemExit(f"unknown kind {kind}")
     seconds = time.perf_counter() - t0
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # a worker process (onnxq-w2) lives beside this one while it calibrates: count its peak too
+    rss_mb = sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
     print(json.dumps({"kind": kind, "images": n, "seconds": seconds, "peak_rss_mb": rss_mb}))
 
 
