@@ -5,9 +5,10 @@ configuration in its own process:
   floor        plain FP32 onnxruntime inference over the same prepared images
   floor-2runs  the same, two runs at once of one onnxruntime thread each (how onnxq schedules its runs)
   onnxq        onnxq quantize --calib (uh, W8A8, default ort target, bias correction on 32 images)
-  onnxq-w2     the same with --workers 2 (peak RSS: this process's plus its worker's)
+  onnxq-w2     the same with --workers 2
   ort-minmax / ort-percentile / ort-entropy   onnxruntime quantize_static (QDQ, per-channel)
   nncf         nncf.quantize defaults, subset_size = number of images
+Peak RSS is the process's plus its largest child process's (onnxq-w2's worker, NNCF's helper).
 onnxruntime's histogram calibrators keep every activation of every image they
 are given: at 128 images that is more memory than this machine has (8.4 GB at
 32), so past 32 images the ort-* runs read the images in strides of 32 through
@@ -124,7 +125,8 @@ def run_one(kind, model, n):
     else:
         raise SystemExit(f"unknown kind {kind}")
     seconds = time.perf_counter() - t0
-    # a worker process (onnxq-w2) lives beside this one while it calibrates: count its peak too
+    # with the largest child process's peak: onnxq-w2's worker calibrates beside this one, and NNCF starts
+    # a helper process too (about 310 MB on yolov5n)
     rss_mb = sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
     print(json.dumps({"kind": kind, "images": n, "seconds": seconds, "peak_rss_mb": rss_mb}))
 
