@@ -313,7 +313,7 @@ class Workers:
         except BaseException:
             self.stop_claiming()
             raise
-        while len(results) < self.count:
+        while len(results) < 1 + len(self._procs):  # closed workers: this process's share was everything
             try:
                 ok, value = self._results.get(timeout=0.2)
             except queue.Empty:
@@ -347,6 +347,7 @@ class Workers:
                 proc.terminate()
                 proc.join()
         self._procs = []
+        self.count = 1  # closed: a later calibration runs in this process alone
 
     def __enter__(self):
         return self

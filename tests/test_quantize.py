@@ -243,7 +243,8 @@ def test_worker_processes_claim_every_image_and_merge_to_one_process_statistics(
         assert workers.counted.value == 6
     assert len(results) == 3 and results[0][0].num_images == 0
     merged, skipped = merge_shards(results, paths)
-    one = calibrate(prepared.model, prepared.inputs, tensors, paths, pp, prepared.hash, progress=False)
+    assert workers.count == 1  # closed: it calibrates in this process alone
+    one = calibrate(prepared.model, prepared.inputs, tensors, paths, pp, prepared.hash, workers=workers, progress=False)
     assert merged.num_images == one.num_images == 6 and [p.name for p, _ in skipped] == ["missing.jpg"]
     for name in tensors:
         a, b = one.tensors[name], merged.tensors[name]
