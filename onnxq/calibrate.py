@@ -313,7 +313,7 @@ class Workers:
         except BaseException:
             self.stop_claiming()
             raise
-        while len(results) < 1 + len(self._procs):  # closed workers: this process's share was everything
+        while len(results) < self.count:
             try:
                 ok, value = self._results.get(timeout=0.2)
             except queue.Empty:
