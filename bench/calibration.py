@@ -6,9 +6,13 @@ configuration in its own process:
   floor-2runs  the same, two runs at once of one onnxruntime thread each (how onnxq schedules its runs)
   onnxq        onnxq quantize --calib (uh, W8A8, default ort target, bias correction on 32 images)
   onnxq-w2     the same with --workers 2
+  onnxq-1run, onnxq-w2-1run   onnxq and onnxq-w2 with --threads 1: one onnxruntime run per process, so that
+               one process leaves a core free (as one process would on a machine with many cores); not
+               run by default (--kinds to choose them)
   ort-minmax / ort-percentile / ort-entropy   onnxruntime quantize_static (QDQ, per-channel)
   nncf         nncf.quantize defaults, subset_size = number of images
-Peak RSS is the process's plus its largest child process's (onnxq-w2's worker, NNCF's helper).
+Peak RSS is the process's plus its largest child process's (onnxq-w2's worker, NNCF's helper); CPU
+seconds count both too, and "cores" is CPU seconds over wall seconds.
 onnxruntime's histogram calibrators keep every activation of every image they
 are given: at 128 images that is more memory than this machine has (8.4 GB at
 32), so past 32 images the ort-* runs read the images in strides of 32 through
@@ -34,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 KINDS = ["floor", "floor-2runs", "onnxq", "onnxq-w2", "ort-minmax", "ort-percentile", "ort-entropy", "nncf"]
-REPEATED = ("floor", "floor-2runs", "onnxq", "onnxq-w2")
+ONE_RUN = ["onnxq-1run", "onnxq-w2-1run"]
+REPEATED = ("floor", "floor-2runs", "onnxq", "onnxq-w2", *ONE_RUN)
 ORT_STRIDE = 32  # images per onnxruntime collect_data call once the set is larger
 
 
@@ -79,7 +84,8 @@ def run_one(kind, model, n):
             folder.mkdir()
             for i, p in enumerate(paths):  # the cycled list as a folder of links
                 (folder / f"{i:05d}_{p.name}").symlink_to(p.resolve())
-            q, _ = quantize_with_report(model, folder, method="uh", workers=2 if kind == "onnxq-w2" else 1)
+            q, _ = quantize_with_report(model, folder, method="uh", workers=2 if "-w2" in kind else 1,
+                                        threads=1 if kind.endswith("-1run") else None)
             save_model(q, Path(d) / "q.onnx")
     elif kind.startswith("ort-"):
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
@@ -127,15 +133,17 @@ def run_one(kind, model, n):
     seconds = time.perf_counter() - t0
     # with the largest child process's peak: onnxq-w2's worker calibrates beside this one, and NNCF starts
     # a helper process too (about 310 MB on yolov5n)
-    rss_mb = sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024
-    print(json.dumps({"kind": kind, "images": n, "seconds": seconds, "peak_rss_mb": rss_mb}))
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    rss_mb = sum(u.ru_maxrss for u in usage) / 1024
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    print(json.dumps({"kind": kind, "images": n, "seconds": seconds, "peak_rss_mb": rss_mb, "cpu_seconds": cpu}))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["yolov5n", "yolov8n"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[32, 128, 512])
-    ap.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
+    ap.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS + ONE_RUN)
     ap.add_argument("--peer-max", type=int, default=128, help="largest image count the peers run with")
     ap.add_argument("--repeat", type=int, default=3, help="runs of floor and onnxq per size (median shown)")
     ap.add_argument("--json", default=str(C.RESULTS / "calibration.json"))
@@ -170,17 +178,18 @@ def main():
                 if runs:
                     secs = sorted(r["seconds"] for r in runs)
                     by[kind] = {"seconds": statistics.median(secs), "spread": (secs[0], secs[-1]), "runs": len(secs),
-                                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+                                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                                "cores": statistics.median(r["cpu_seconds"] / r["seconds"] for r in runs)}
             floor, ours = by.get("floor"), by.get("onnxq")
             for kind, r in by.items():
                 lo, hi = r["spread"]
                 rows.append([key, n, kind, f"{r['seconds']:.1f}", f"{lo:.1f}-{hi:.1f}" if r["runs"] > 1 else "-",
-                             f"{r['peak_rss_mb']:.0f}",
+                             f"{r['peak_rss_mb']:.0f}", f"{r['cores']:.2f}",
                              f"{r['seconds'] / floor['seconds']:.2f}x" if floor else "-",
                              f"{r['seconds'] / ours['seconds']:.2f}x" if ours else "-"])
                 summary[f"{key}/{n}/{kind}"] = r
     print(f"Calibration cost ({C.stamp()})\n")
-    print(C.markdown_table(rows, ["model", "images", "tool", "median s", "range s", "peak RSS MB", "vs floor",
+    print(C.markdown_table(rows, ["model", "images", "tool", "median s", "range s", "peak RSS MB", "cores", "vs floor",
                                   "vs onnxq"]))
     growth = []
     for key in args.models:

@@ -151,7 +151,7 @@ def _with_workers(fn):
 
     @functools.wraps(fn)
     def started_first(model, calib=None, *, workers=1, **options):
-        from .calibrate import Workers
+        from .workers import Workers
 
         if calib is None or options.get("stats") is not None or isinstance(workers, Workers) or int(workers) <= 1:
             return fn(model, calib, workers=workers, **options)

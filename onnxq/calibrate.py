@@ -6,12 +6,11 @@ so memory does not grow with the number of images. Images are decoded in
 background threads (onnxq.images.iter_batches) while the model runs, and the
 histogram update of batch k runs in a thread (Numba releases the GIL) while
 onnxruntime computes batch k+1. With `workers > 1` processes claim the
-images one at a time (Workers); the power-of-two histogram grid makes the
+images one at a time (onnxq.workers); the power-of-two histogram grid makes the
 merged statistics identical to one worker's.
 """
 
 import functools
-import multiprocessing as mp
 import os
 import queue
 import threading
@@ -26,6 +25,7 @@ from .errors import OnnxqError
 from .images import iter_batches, unreadable_error
 from .preprocess import Preprocess
 from .stats import Stats
+from .workers import Workers, claimed
 
 
 def model_with_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
@@ -218,7 +218,7 @@ class Shard:
         """(Stats, skipped) of the images claimed through `next_image`; tick(n) after each batch."""
         model = onnx.load_from_string(self.model_bytes) if model is None else model
         stats = Stats(self.model_hash, self.preprocess, self.inputs.hw)
-        skipped = _run_shard(model, self.inputs, self.tensors, _claimed(self.paths, next_image),
+        skipped = _run_shard(model, self.inputs, self.tensors, claimed(self.paths, next_image),
                              Preprocess.from_dict(self.preprocess), self.batch_size, self.threads, stats, tick,
                              decode_threads=decode_threads, channel_tensors=self.channel_tensors,
                              minmax_only=self.minmax_only)
@@ -273,124 +273,6 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
         path, why = skipped[0] if skipped else (paths[0], "unreadable")
         raise unreadable_error(paths, f"{path}: {why}")
     return stats
-
-
-class Workers:
-    """Calibration processes besides this one, started ahead of the work so that their start-up (Python,
-    onnxruntime, Numba: about 0.75 s of a core) overlaps the model's preparation rather than the first images.
-
-    Images are claimed one at a time from an index all processes share, so a process that started late or
-    runs slower counts fewer of them and all finish together; the statistics do not depend on which process
-    counted which image (see kernels.histogram). Use as a context manager: leaving it on an error stops the
-    workers at once, without waiting for the image they are on.
-    """
-
-    def __init__(self, count: int):
-        self.count = max(1, int(count))
-        self._procs, self._jobs = [], []
-        if self.count == 1:
-            return
-        ctx = mp.get_context("spawn")  # the parent holds onnxruntime threads: never fork them
-        self.counted = ctx.Value("q", 0)  # images the workers have counted (progress)
-        self.next_image = ctx.Value("q", 0)  # the next unclaimed image of the current set
-        self._results = ctx.Queue()
-        self._jobs = [ctx.Queue() for _ in range(self.count - 1)]  # one each: every worker runs every job
-        for jobs in self._jobs:
-            proc = ctx.Process(target=_worker_main, name="onnxq-calibrate", daemon=True,
-                               args=(jobs, self._results, self.counted, self.next_image))
-            proc.start()
-            self._procs.append(proc)
-
-    def run(self, shard: "Shard", own_share, tick):
-        """Every worker counts what it claims of `shard` while this process runs own_share(); the results,
-        this process's first."""
-        self.counted.value = 0
-        self.next_image.value = 0
-        for jobs in self._jobs:
-            jobs.put(shard)
-        try:
-            results = [own_share()]
-        except BaseException:
-            self.stop_claiming()
-            raise
-        while len(results) < self.count:
-            try:
-                ok, value = self._results.get(timeout=0.2)
-            except queue.Empty:
-                tick()
-                dead = [p for p in self._procs if p.exitcode is not None]
-                if dead and self._results.empty():
-                    raise OnnxqError(f"a calibration worker process stopped (exit code {dead[0].exitcode}); from a "
-                                     "script, call onnxq under `if __name__ == '__main__':` (worker processes "
-                                     "re-import the main module)") from None
-                continue
-            if not ok:
-                raise value
-            results.append(value)
-        tick()
-        return results
-
-    def stop_claiming(self):
-        with self.next_image.get_lock():
-            self.next_image.value = _NO_MORE_IMAGES
-
-    def close(self, error=False):
-        for proc, jobs in zip(self._procs, self._jobs):
-            if error:
-                proc.terminate()
-                jobs.cancel_join_thread()  # what it had not sent yet is dropped, not waited for at exit
-            else:
-                jobs.put(None)
-        for proc in self._procs:
-            proc.join(timeout=None if error else 10)
-            if proc.exitcode is None:
-                proc.terminate()
-                proc.join()
-        self._procs = []
-        self.count = 1  # closed: a later calibration runs in this process alone
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *_):
-        self.close(error=exc_type is not None)
-
-
-_NO_MORE_IMAGES = 1 << 62
-
-
-def _claimed(paths, next_image):
-    """The images of `paths` this process claims, one at a time, from the index all processes share."""
-    while True:
-        with next_image.get_lock():
-            i = next_image.value
-            next_image.value = i + 1
-        if i >= len(paths):
-            return
-        yield paths[i]
-
-
-def _worker_main(jobs, results, counted, next_image):
-    """A worker process: set Numba up while waiting, then run each job until None arrives."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
-    from .kernels import warm_up
-
-    warm_up()  # in a thread: the first job's model loads meanwhile
-
-    def tick(n):
-        with counted.get_lock():
-            counted.value += n
-
-    while (shard := jobs.get()) is not None:
-        try:
-            results.put((True, shard.count(next_image, tick)))
-        except BaseException as exc:
-            with next_image.get_lock():
-                next_image.value = _NO_MORE_IMAGES  # the other processes stop claiming too
-            # pickled to the parent: keep only what is sure to travel, the message
-            results.put((False, exc if isinstance(exc, OnnxqError) else OnnxqError(f"{type(exc).__name__}: {exc}")))
 
 
 def _calibrate_parallel(model, inputs, tensors, paths, pp, model_hash, batch_size, workers: Workers, threads, bar,

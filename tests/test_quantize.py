@@ -225,7 +225,8 @@ def test_worker_processes_claim_every_image_and_merge_to_one_process_statistics(
     """Workers claim images one at a time from a shared index; here this process claims none, so the two
     worker processes count all of them between them, each image once."""
     from onnxq.api import prepare_model, resolve_preprocess
-    from onnxq.calibrate import Shard, Workers, calibrate, merge_shards
+    from onnxq.calibrate import Shard, calibrate, merge_shards
+    from onnxq.workers import Workers
     from onnxq.passes.select import plan_quantization
     from onnxq.stats import Stats
     from onnxq.targets import get_target
@@ -259,7 +260,8 @@ def test_a_failing_worker_stops_calibration_with_its_error_and_leaves_no_process
     from PIL import Image
 
     from onnxq.api import prepare_model
-    from onnxq.calibrate import Shard, Workers
+    from onnxq.calibrate import Shard
+    from onnxq.workers import Workers
     from onnxq.errors import OnnxqError
     from onnxq.preprocess import PRESETS
     from onnxq.stats import Stats
