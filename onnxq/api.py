@@ -146,8 +146,8 @@ def resolve_preprocess(prepared: Prepared, explicit: Preprocess | None, explicit
 
 
 def _with_workers(fn):
-    """Start the calibration worker processes as `fn` begins, so that they get ready (Python, onnxruntime,
-    Numba: 0.75 s) while it prepares the model, and stop them when it returns."""
+    """Start the calibration worker processes as `fn` begins, so that they get ready while it prepares the
+    model (see workers.Workers), and stop them when it returns."""
 
     @functools.wraps(fn)
     def started_first(model, calib=None, *, workers=1, **options):

@@ -46,7 +46,7 @@ class Workers:
         try:
             results = [own_share()]
         except BaseException:
-            self.stop_claiming()
+            stop_claiming(self.next_image)
             raise
         while len(results) < self.count:
             try:
@@ -64,10 +64,6 @@ class Workers:
             results.append(value)
         tick()
         return results
-
-    def stop_claiming(self):
-        with self.next_image.get_lock():
-            self.next_image.value = _NO_MORE_IMAGES
 
     def close(self, error=False):
         for proc, jobs in zip(self._procs, self._jobs):
@@ -89,6 +85,12 @@ class Workers:
 
     def __exit__(self, exc_type, *_):
         self.close(error=exc_type is not None)
+
+
+def stop_claiming(next_image):
+    """No process claims another image of the current set (one has failed)."""
+    with next_image.get_lock():
+        next_image.value = _NO_MORE_IMAGES
 
 
 def claimed(paths, next_image):
@@ -120,7 +122,6 @@ def _worker_main(jobs, results, counted, next_image):
         try:
             results.put((True, shard.count(next_image, tick)))
         except BaseException as exc:
-            with next_image.get_lock():
-                next_image.value = _NO_MORE_IMAGES  # the other processes stop claiming too
+            stop_claiming(next_image)  # the other processes stop too
             # pickled to the parent: keep only what is sure to travel, the message
             results.put((False, exc if isinstance(exc, OnnxqError) else OnnxqError(f"{type(exc).__name__}: {exc}")))
