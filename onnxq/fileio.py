@@ -22,18 +22,27 @@ def check_writable(path):
         raise OnnxqError(f"{path}: is a directory, expected a file path")
     if not os.access(parent, os.W_OK):
         raise OnnxqError(f"{path}: directory {parent} is not writable")
+    # access() says yes to root everywhere, and to anyone where the file system refuses new files (procfs, a
+    # read-only share): only making a file there tells, and now rather than after the calibration
+    os.unlink(_temporary_beside(path, ".probe"))
     return path
+
+
+def _temporary_beside(path: Path, suffix: str) -> str:
+    """A new empty file in `path`'s directory, hidden and unique; an OnnxqError where none can be made."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent or ".")
+    except OSError as exc:
+        raise OnnxqError(f"{path}: cannot write there ({exc.strerror or exc})") from None
+    os.close(fd)
+    return tmp
 
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in the target's directory; rename it onto `path` on success."""
     path = check_writable(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    except OSError as exc:
-        raise OnnxqError(f"{path}: cannot write there ({exc.strerror or exc})") from None
-    os.close(fd)
+    tmp = _temporary_beside(path, ".tmp")
     try:
         yield Path(tmp)
         try:

@@ -223,6 +223,20 @@ def test_output_paths(tmp_path, images):
         assert needle in one_line_error(stderr), stderr
 
 
+def test_unwritable_output_is_refused_before_the_images_are_read(tmp_path):
+    """procfs lets root pass access(W_OK) but makes no file: the probe must catch it up front, so the error
+    is about the output even though the image folder (empty) would fail too."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in (("quantize", SMALL, "/proc/q.onnx"), ("calibrate", SMALL, "-o", "/proc/q.npz")):
+        code, _, stderr = cli(*args, "--calib", empty, "--no-progress")
+        assert code == 1 and "cannot write" in one_line_error(stderr), stderr
+    from onnxq.fileio import check_writable
+
+    assert check_writable(tmp_path / "q.onnx") == tmp_path / "q.onnx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # the probe leaves nothing behind
+
+
 def test_existing_output_is_replaced_atomically(tmp_path, images):
     out = tmp_path / "q.onnx"
     out.write_bytes(b"old")
