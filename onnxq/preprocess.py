@@ -106,23 +106,6 @@ PRESETS = {
 }
 
 
-def add_preprocess_arguments(parser):
-    g = parser.add_argument_group("preprocessing (default: from the model's metadata or detected family)")
-    # no `choices`: preprocess_from_args names the presets in a one-line UsageError
-    g.add_argument("--preset", metavar="NAME", help="ultralytics (RGB /255 centred letterbox), yolox (BGR 0-255 "
-                                                    "top-left letterbox), nanodet (BGR mean/std stretch), "
-                                                    "fastestdet (BGR /255 stretch)")
-    order = g.add_mutually_exclusive_group()
-    order.add_argument("--bgr", dest="order", action="store_const", const="bgr", help="feed BGR")
-    order.add_argument("--rgb", dest="order", action="store_const", const="rgb", help="feed RGB")
-    g.add_argument("--scale", type=float, metavar="S", help="divide pixel values by S (1 keeps 0-255)")
-    g.add_argument("--mean", metavar="M1,M2,M3", help="subtract per channel (input order), after scaling")
-    g.add_argument("--std", metavar="S1,S2,S3", help="divide per channel (input order), after the mean")
-    g.add_argument("--resize", choices=RESIZE_MODES, help="letterbox (centred), letterbox-topleft, stretch")
-    g.add_argument("--pad", type=float, metavar="V", help="letterbox pad value (0-255)")
-    g.add_argument("--imgsz", metavar="H[,W]", help="input size for models with dynamic height/width")
-
-
 def _triple(flag, text):
     try:
         values = tuple(float(v) for v in str(text).split(","))

@@ -21,11 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .choices import BITS, METHODS  # noqa: F401  (named here too: the API checks against them)
 from .kernels import search
 from .passes.qdq import QParams, WeightQuant
-
-METHODS = ("uh", "minmax", "percentile", "mse", "entropy")
-BITS = (8, 6, 4)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def test_compare_model_against_itself(tmp_path):
     (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--bits", "W3A3"], 2, "--bits"),
     (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--exclude", "nothing-matches"], 2, "matches no"),
     (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--mean", "1,2"], 2, "three numbers"),
+    (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--resize", "crop"], 2, "letterbox-topleft"),
     (["quantize", "MODEL", "OUT.onnx", "--calib", "EMPTY"], 1, "no image"),
     (["eval", "MODEL", "--data", "EMPTY"], 1, "annotation"),
 ])
@@ -122,6 +123,14 @@ def test_first_and_head_flags_reach_the_api(flags, expected):
     args = build_parser().parse_args(["quantize", "in.onnx", "out.onnx", "--calib", "d", *flags])
     opts = options_from_args(args)
     assert (opts["keep_first"], opts["keep_head"]) == expected
+
+
+def test_the_parser_loads_no_numerical_library():
+    """`onnxq --help` and argument errors answer at once: the subcommands import their work when they run."""
+    code = ("import sys; from onnxq.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime', 'numba', 'PIL') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_keep_and_quantize_first_are_exclusive(capsys):

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from data_make import gradient
+from onnxq.commands.common import add_preprocess_arguments
 from onnxq.errors import OnnxqError, UsageError
 from onnxq.images import load_image
-from onnxq.preprocess import (PRESETS, Preprocess, Transform, add_preprocess_arguments, imgsz_from_args,
+from onnxq.preprocess import (PRESETS, Preprocess, Transform, imgsz_from_args,
                               letterbox_geometry, prepare, preprocess_from_args, preprocess_from_metadata,
                               preprocess_to_metadata)
 

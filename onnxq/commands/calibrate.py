@@ -3,11 +3,9 @@
 import sys
 import time
 
-from ..api import collect_stats
 from ..fileio import check_writable
-from ..model import parse_input_values
-from ..preprocess import add_preprocess_arguments, imgsz_from_args, preprocess_from_args
-from .common import add_calibration_arguments, add_model_input_arguments, add_verbose, positive, quiet_warnings
+from .common import (add_calibration_arguments, add_model_input_arguments, add_preprocess_arguments, add_verbose,
+                     positive, quiet_warnings)
 
 
 def register(sub):
@@ -25,6 +23,10 @@ def register(sub):
 
 
 def run(args):
+    from ..api import collect_stats
+    from ..model import parse_input_values
+    from ..preprocess import imgsz_from_args, preprocess_from_args
+
     quiet_warnings(args.verbose)
     check_writable(args.output)
     pp, _ = preprocess_from_args(args, default=None)

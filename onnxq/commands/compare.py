@@ -4,14 +4,9 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
-
-from ..api import prepare_model, resolve_preprocess
-from ..compare import compare_models, plot_tensor
 from ..errors import OnnxqError, UsageError
-from ..model import load_model, parse_input_values
-from ..preprocess import add_preprocess_arguments, imgsz_from_args, preprocess_from_args, preprocess_from_metadata
-from .common import add_model_input_arguments, add_verbose, print_table, quiet_warnings, write_json
+from .common import (add_model_input_arguments, add_preprocess_arguments, add_verbose, print_table, quiet_warnings,
+                     write_json)
 
 
 def register(sub):
@@ -38,7 +33,11 @@ def _fmt(x):
 
 
 def run(args):
+    from ..api import prepare_model, resolve_preprocess
+    from ..compare import compare_models, plot_tensor
     from ..images import iter_batches, list_images
+    from ..model import load_model, parse_input_values
+    from ..preprocess import imgsz_from_args, preprocess_from_args, preprocess_from_metadata
 
     quiet_warnings(args.verbose)
     if args.num_images is not None and args.num_images <= 0:
@@ -90,6 +89,7 @@ def run(args):
 
 def _grid_of(model):
     """Integer grid per tensor: the Clip before Q narrows it below 8 bits; else the container's."""
+    import numpy as np
     import onnx
 
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}

@@ -2,10 +2,9 @@
 
 from ..evaluate.families import FAMILIES
 from ..fileio import check_writable
-from ..model import parse_input_values
-from ..preprocess import add_preprocess_arguments, imgsz_from_args, preprocess_from_args
 from .common import (
     add_model_input_arguments,
+    add_preprocess_arguments,
     add_verbose,
     positive,
     print_table,
@@ -42,6 +41,8 @@ def register(sub):
 
 def run(args):
     from ..evaluate.pipeline import evaluate_model
+    from ..model import parse_input_values
+    from ..preprocess import imgsz_from_args, preprocess_from_args
 
     quiet_warnings(args.verbose)
     for path in (args.json, args.save_dets):

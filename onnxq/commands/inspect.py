@@ -2,12 +2,6 @@
 
 import collections
 
-import onnx
-
-from ..api import prepare_model, resolve_preprocess
-from ..model import opset_of, parse_input_values
-from ..passes.select import plan_quantization
-from ..preprocess import imgsz_from_args
 from ..targets import TARGETS, get_target
 from .common import add_model_input_arguments, add_verbose, print_table, write_json
 
@@ -29,6 +23,12 @@ def _shape(vi):
 
 
 def describe(model_path, target="ort", imgsz=None, input_values=None) -> dict:
+    import onnx
+
+    from ..api import prepare_model, resolve_preprocess
+    from ..model import opset_of
+    from ..passes.select import plan_quantization
+
     prepared = prepare_model(model_path, imgsz=imgsz, input_values=input_values)
     src = prepared.source
     pp, pp_source = resolve_preprocess(prepared, None)
@@ -68,6 +68,9 @@ def describe(model_path, target="ort", imgsz=None, input_values=None) -> dict:
 
 
 def run(args):
+    from ..model import parse_input_values
+    from ..preprocess import imgsz_from_args
+
     info = describe(args.model, args.target, imgsz_from_args(args), parse_input_values(args.input))
     print(f"model      {info['model']}  (opset {info['opset']}, IR {info['ir_version']})")
     for i in info["inputs"]:

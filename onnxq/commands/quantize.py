@@ -3,15 +3,12 @@
 import sys
 from pathlib import Path
 
-from ..api import parse_bits, quantize_with_report
+from ..choices import BITS, METHODS
 from ..errors import UsageError
 from ..fileio import check_writable
-from ..model import parse_input_values, save_model
-from ..preprocess import add_preprocess_arguments, imgsz_from_args, preprocess_from_args
-from ..ranges import METHODS
 from ..targets import TARGETS
-from .common import (add_calibration_arguments, add_model_input_arguments, add_verbose, positive, print_table,
-                     quiet_warnings, write_json)
+from .common import (add_calibration_arguments, add_model_input_arguments, add_preprocess_arguments, add_verbose,
+                     positive, print_table, quiet_warnings, write_json)
 
 
 def register(sub):
@@ -31,8 +28,8 @@ def register(sub):
     q.add_argument("--method", choices=METHODS, default="uh",
                    help="activation ranges: uh (Q-YOLO, default), minmax, percentile, mse, entropy")
     q.add_argument("--bits", metavar="WxAy", help="shorthand for --w-bits/--a-bits, e.g. W4A4")
-    q.add_argument("--w-bits", type=int, choices=(8, 6, 4), default=8)
-    q.add_argument("--a-bits", type=int, choices=(8, 6, 4), default=8)
+    q.add_argument("--w-bits", type=int, choices=BITS, default=8)
+    q.add_argument("--a-bits", type=int, choices=BITS, default=8)
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
                      help="symmetric activations (int8, zero-point 0); forced by --target tensorrt")
@@ -64,6 +61,10 @@ def register(sub):
 
 def options_from_args(args):
     """The keyword options of onnxq.quantize() that the CLI flags give."""
+    from ..api import parse_bits
+    from ..model import parse_input_values
+    from ..preprocess import imgsz_from_args, preprocess_from_args
+
     w_bits, a_bits = parse_bits(args.bits) if args.bits else (args.w_bits, args.a_bits)
     explicit_pp, _ = preprocess_from_args(args, default=None)
     return dict(method=args.method, w_bits=w_bits, a_bits=a_bits, symmetric=args.symmetric,
@@ -77,6 +78,9 @@ def options_from_args(args):
 
 
 def run(args):
+    from ..api import quantize_with_report
+    from ..model import save_model
+
     quiet_warnings(args.verbose)
     if not args.calib and not args.stats:
         raise UsageError("give calibration images (--calib DIR) or statistics (--stats FILE)")

@@ -6,12 +6,16 @@ output shapes, output names, the NonMaxSuppression node and metadata only,
 never the file name, and never runs the model.
 """
 
+from __future__ import annotations  # onnx is imported where it is used: `onnxq eval --help` needs only FAMILIES
+
 import copy
 from dataclasses import dataclass, field, replace
-
-import onnx
+from typing import TYPE_CHECKING
 
 from ..errors import OnnxqError
+
+if TYPE_CHECKING:
+    import onnx
 
 STRIDES = (8, 16, 32)
 
@@ -98,6 +102,8 @@ def _with_inferred_shapes(model, hw):
     m.graph.output.extend(model.graph.output)
     for o in m.graph.output:
         o.type.tensor_type.ClearField("shape")
+    import onnx
+
     try:
         m = onnx.shape_inference.infer_shapes(m)
     except Exception:  # noqa: BLE001 - inference is a best effort here; unknown shapes stay unknown

@@ -1,0 +1,5 @@
+"""The names the CLI offers as choices (methods, bit widths), apart from the modules that implement them, so
+that building the parser imports neither numpy, onnx nor Numba: `onnxq --help` answers at once."""
+
+METHODS = ("uh", "minmax", "percentile", "mse", "entropy")
+BITS = (8, 6, 4)
