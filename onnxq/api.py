@@ -4,6 +4,7 @@
 what the CLI prints and `--report` writes. Saving is the caller's (atomic).
 """
 
+import collections
 import functools
 import json
 import os
@@ -197,8 +198,10 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     notes.extend(prepared.inputs.notes)
     plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
     if not plan.weights:
+        reasons = collections.Counter(plan.float_nodes.values())
+        kept = "; ".join(f"{n} x {why}" for why, n in reasons.most_common(3))
         raise OnnxqError(f"{prepared.name}: nothing to quantize (no Conv/ConvTranspose/MatMul/Gemm outside the "
-                         "decode tail and the layers kept float)")
+                         f"decode tail and the layers kept float{': ' + kept if kept else ''})")
 
     # a SiLU's input takes its range from the SiLU output's parameters, and the SiLU's own Sigmoid (where it
     # is quantized) from the input's: neither needs observing
@@ -326,14 +329,35 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         report.seconds["bias_correction"] = round(time.perf_counter() - t3, 3)
     elif bias_correction:
         notes.append("bias correction skipped: it needs images (give --calib with --stats)")
-    out.opset_import[0].version = max(out.opset_import[0].version, 13)
+    for entry in out.opset_import:  # QuantizeLinear with an axis needs 13 (other domains keep their version)
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, 13)
     _stamp_metadata(out, report)
     report.seconds.update({"calibrate": round(t2 - t0, 3), "total": round(time.perf_counter() - t0, 3)})
+    _check_output(out, prepared.source)
+    return out, report
+
+
+def _check_output(out, source):
+    """The checker with types and shapes (a QuantizeLinear fed the wrong type passes the plain one, and the
+    runtime then refuses the file). Where the input model itself fails that stricter check, its failures are
+    not onnxq's: the plain check then stands."""
+    try:
+        onnx.checker.check_model(out, full_check=True)
+        return
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        strict_error = exc
+    try:
+        onnx.checker.check_model(source, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        strict_error = None
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as exc:
-        raise OnnxqError(f"internal error: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from exc
-    return out, report
+        strict_error = exc
+    if strict_error is not None:
+        raise OnnxqError("internal error: the quantized model fails onnx.checker: "
+                         f"{str(strict_error).strip().splitlines()[0]}") from strict_error
 
 
 # A depthwise conv filters each channel alone: a channel whose whole range spans fewer than

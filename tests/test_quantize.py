@@ -382,7 +382,11 @@ def test_tensorrt_target_is_symmetric_with_residual_adds_quantized(tmp_path):
     for n in q.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
             zp = inits[n.input[2]]
-            assert zp.dtype in (np.int8, np.int32) and not zp.any()
+            assert zp.dtype == np.int8 and not zp.any()
+    # TensorRT's parser dequantizes only activation types: every DequantizeLinear reads int8, biases stay float
+    dq_inputs = [inits.get(n.input[0]) for n in q.graph.node if n.op_type == "DequantizeLinear"]
+    assert all(x is None or x.dtype == np.int8 for x in dq_inputs)
+    assert sum(x is not None for x in dq_inputs) == len(report.weights)
     consumers = {}
     for n in q.graph.node:
         for i in n.input:

@@ -96,7 +96,11 @@ def insert_qdq(graph: gs.Graph, plan, act_params: dict, weight_params: dict) -> 
         if site.bias is not None and x.name.endswith("_dequantized") and x.name[: -len("_dequantized")] in dq_of:
             x_scale = dq_of[x.name[: -len("_dequantized")]][1].scale
             b = node.inputs[2]
-            b_scale = (np.float32(x_scale) * wq.scale.astype(np.float32)).astype(np.float32)
+            w_scale = wq.scale.astype(np.float32)
+            if node.op == "ConvTranspose":
+                # its weight is [C_in, C_out/group, ...]: output channel o uses the scale of o mod C_out/group
+                w_scale = np.tile(w_scale, int(node.attrs.get("group", 1)))
+            b_scale = (np.float32(x_scale) * w_scale).astype(np.float32)
             # the int32 bias must represent the float bias; a zero scale (zero channel) keeps 0
             safe = np.where(b_scale > 0, b_scale, np.float32(1.0))
             b_q = np.clip(np.round(b.values.astype(np.float64) / safe), -(2**31), 2**31 - 1).astype(np.int32)

@@ -7,6 +7,7 @@ the QDQ pass applies it and calibration observes exactly its tensors.
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import UsageError
@@ -185,6 +186,11 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
         if weight_of(node) is None:
             plan.float_nodes[node.name] = "weight is computed, not a constant"
             continue
+        if weight_of(node).values.dtype != np.float32:
+            # QuantizeLinear/DequantizeLinear here carry float32 scales and outputs (a float16 layer would
+            # need its own); a model exported with float16 layers is quantized from its float32 export
+            plan.float_nodes[node.name] = f"{weight_of(node).values.dtype} weights (onnxq quantizes float32 layers)"
+            continue
         if keep_head and node.name in head_outputs:
             plan.float_nodes[node.name] = "head output conv (kept float, Q-YOLO)"
             continue
@@ -200,6 +206,8 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
     def add_site(tensor, consumer_name, role):
         if isinstance(tensor, gs.Constant) or tensor.name in graph_outputs:
             return
+        if tensor.dtype is not None and tensor.dtype != np.float32:
+            return  # a float16 (or integer) tensor between float32 layers: not on a float32 grid
         site = plan.activations.get(tensor.name)
         if site is None:
             plan.activations[tensor.name] = ActivationSite(
@@ -215,6 +223,8 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
         bias = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
         if node.op == "Gemm" and bias is not None and bias.values.ndim != 1:
             bias = None  # a broadcast matrix C, not a per-channel bias
+        if not target.quantize_bias:
+            bias = None
         plan.weights[node.name] = WeightSite(node.name, w.name, _weight_axis(node), bias.name if bias is not None else None)
         add_site(node.inputs[0], node.name, "input")
 

@@ -37,6 +37,10 @@ class Target:
     # them (measured), so the ort target keeps them float.
     quantize_first: bool = False
     quantize_head: bool = False
+    # A quantized Conv's bias as int32 behind a DequantizeLinear (scale = input scale x weight scale), as
+    # onnxruntime's QLinearConv takes it. TensorRT's ONNX parser dequantizes only activation types (int8,
+    # fp8) and fuses a float bias into the int8 conv itself.
+    quantize_bias: bool = True
     description: str = ""
 
 
@@ -72,7 +76,9 @@ TARGETS = {
         quantize_add_inputs=True,
         unify_concat=True,
         asymmetric_activations=False,
-        description="TensorRT: symmetric int8, Q/DQ on Conv and residual Add inputs, shared Concat scales",
+        quantize_bias=False,
+        description="TensorRT: symmetric int8, Q/DQ on Conv and residual Add inputs, shared Concat scales, "
+                    "float biases",
     ),
 }
 
