@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from . import __version__
 from .derived import (derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived, silu_bounded,
                       union_sources, value_unions)
-from .errors import OnnxqError, UsageError
+from .errors import OnnxqError, UsageError, first_line
 from .kernels import warm_up
 from .model import find_inputs, infer_shapes, load_model
 from .passes.fold import fold_constants, name_nodes, untie_shared_weights
@@ -107,7 +107,7 @@ class Prepared:
     name: str
 
 
-def prepare_model(model_or_path, imgsz=None, input_values=None) -> Prepared:
+def prepare_model(model_or_path, imgsz=None, input_values=None, default_imgsz=None) -> Prepared:
     if isinstance(model_or_path, onnx.ModelProto):
         source, name = model_or_path, model_or_path.graph.name or "model"
         from .model import check_model
@@ -115,7 +115,7 @@ def prepare_model(model_or_path, imgsz=None, input_values=None) -> Prepared:
     else:
         name = str(model_or_path)
         source = load_model(model_or_path)
-    inputs = find_inputs(source, imgsz=imgsz, input_values=input_values, path=name)
+    inputs = find_inputs(source, imgsz=imgsz, input_values=input_values, path=name, default_imgsz=default_imgsz)
     upgraded = infer_shapes(upgrade_opset(source))
     graph = untie_shared_weights(name_nodes(fold_constants(to_graph(upgraded))))
     model = to_model(graph, source)
@@ -146,15 +146,34 @@ def resolve_preprocess(prepared: Prepared, explicit: Preprocess | None, explicit
     return PRESETS["ultralytics"], "preset ultralytics (default; pass --preset or flags to change)"
 
 
+def _gives_memory_back(fn):
+    """Hand the calibration's memory back to the OS when `fn` returns or fails (calibrate.give_memory_back):
+    a script that quantizes one model after another would otherwise carry each one's peak."""
+
+    @functools.wraps(fn)
+    def then_release(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            from .calibrate import give_memory_back
+
+            give_memory_back()
+
+    return then_release
+
+
 def _with_workers(fn):
     """Start the calibration worker processes as `fn` begins, so that they get ready while it prepares the
     model (see workers.Workers), and stop them when it returns."""
 
     @functools.wraps(fn)
     def started_first(model, calib=None, *, workers=1, **options):
-        from .workers import Workers
+        from .workers import Workers, cores
 
-        if calib is None or options.get("stats") is not None or isinstance(workers, Workers) or int(workers) <= 1:
+        if isinstance(workers, Workers):
+            return fn(model, calib, workers=workers, **options)
+        workers = min(int(workers), cores())  # a process more than the cores only adds its start-up
+        if calib is None or options.get("stats") is not None or workers <= 1:
             return fn(model, calib, workers=workers, **options)
         with Workers(workers) as started:
             return fn(model, calib, workers=started, **options)
@@ -162,6 +181,7 @@ def _with_workers(fn):
     return started_first
 
 
+@_gives_memory_back
 @_with_workers
 def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8, a_bits=8, symmetric=None,
                          percentile=99.99, target="ort", keep_first=None, keep_head=None, exclude=(),
@@ -194,7 +214,13 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
     if stats is None and calib is not None:
         warm_up()  # while the model is prepared
-    prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
+    st = None
+    if stats is not None:
+        st = stats if isinstance(stats, Stats) else Stats.load(stats)
+        stats_name = str(stats) if not isinstance(stats, Stats) else "statistics"
+    # a dynamic-size model is fed the size its statistics were collected at unless told otherwise
+    prepared = prepare_model(model, imgsz=imgsz, input_values=input_values,
+                             default_imgsz=st.image_hw if st is not None else None)
     notes.extend(prepared.inputs.notes)
     plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
     if not plan.weights:
@@ -207,13 +233,13 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     # is quantized) from the input's: neither needs observing
     bounded = silu_bounded(prepared.graph, plan)
     derived = sigmoid_derived(prepared.graph, plan, cfg)
-    if stats is not None:
-        st = stats if isinstance(stats, Stats) else Stats.load(stats)
-        st.check_matches(prepared.hash, preprocess.to_dict() if preprocess is not None else None, path=str(stats))
+    if st is not None:
+        st.check_matches(prepared.hash, preprocess.to_dict() if preprocess is not None else None, prepared.inputs,
+                         path=stats_name)
         pp, pp_source = Preprocess.from_dict(st.preprocess), "statistics file"
         missing = [t for t in plan.calibration_tensors() if t not in st.tensors]
         if missing:
-            raise OnnxqError(f"{stats}: no statistics for {len(missing)} tensor(s) this plan needs "
+            raise OnnxqError(f"{stats_name}: no statistics for {len(missing)} tensor(s) this plan needs "
                              f"(e.g. {missing[0]}); recalibrate with `onnxq calibrate`")
         skipped = []
     else:
@@ -357,7 +383,7 @@ def _check_output(out, source):
         strict_error = exc
     if strict_error is not None:
         raise OnnxqError("internal error: the quantized model fails onnx.checker: "
-                         f"{str(strict_error).strip().splitlines()[0]}") from strict_error
+                         f"{first_line(strict_error)}") from strict_error
 
 
 # A depthwise conv filters each channel alone: a channel whose whole range spans fewer than
@@ -523,6 +549,7 @@ def reusable_tensors(prepared: Prepared) -> list:
     return sorted(names)
 
 
+@_gives_memory_back
 @_with_workers
 def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
                   batch_size=None, workers=1, threads=None, progress=False, on_skip=None):

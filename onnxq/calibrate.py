@@ -10,22 +10,23 @@ images one at a time (onnxq.workers); the power-of-two histogram grid makes the
 merged statistics identical to one worker's.
 """
 
+import ctypes
 import functools
-import os
 import queue
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import OnnxqError
+from .errors import OnnxqError, first_line
 from .images import iter_batches, unreadable_error
 from .preprocess import Preprocess
 from .stats import Stats
-from .workers import Workers, claimed
+from .workers import Workers, claimed, cores
 
 
 def model_with_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
@@ -82,6 +83,28 @@ def _exact_growth_arena() -> bool:
         return False
 
 
+def give_memory_back():
+    """Return the activations' memory to the OS once calibration (and bias correction) is over.
+
+    The shared arena outlives every session and keeps its peak (yolov5n: about 1 GB after one calibration,
+    more after the next), which a script that quantizes model after model would carry. A run with arena
+    shrinkage frees its wholly free regions, and malloc_trim hands the freed heap back (glibc only).
+    """
+    h = onnx.helper
+    # (cache_info: only where a session registered the arena; asking _exact_growth_arena() would register it)
+    if _exact_growth_arena.cache_info().currsize and _exact_growth_arena():
+        one = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in ("x", "y")]
+        tiny = h.make_model(h.make_graph([h.make_node("Neg", ["x"], ["y"])], "shrink", one[:1], one[1:]),
+                            opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+        shrink = ort.RunOptions()
+        shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        make_session(tiny, threads=1).run(None, {"x": np.zeros(1, np.float32)}, shrink)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def make_session(model: onnx.ModelProto, threads=None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -95,8 +118,7 @@ def make_session(model: onnx.ModelProto, threads=None):
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxqError(f"onnxruntime cannot run the model: {first}") from exc
+        raise OnnxqError(f"onnxruntime cannot run the model: {first_line(exc)}") from exc
 
 
 def _feed(inputs, batch):
@@ -104,14 +126,6 @@ def _feed(inputs, batch):
     for name, value in inputs.extras.items():
         feed[name] = value
     return feed
-
-
-def cores() -> int:
-    """CPU cores this process may use (its affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # no affinity API (macOS, Windows)
-        return os.cpu_count() or 1
 
 
 def split_threads(threads: int) -> tuple:
@@ -178,7 +192,7 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
             try:
                 outs = done.result()
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0]
+                first = first_line(exc)
                 raise OnnxqError(f"onnxruntime failed during calibration on {batch.paths[0]}: {first}") from exc
             if failure:
                 raise failure[0]
@@ -217,7 +231,7 @@ class Shard:
     def count(self, next_image, tick, model=None, decode_threads=1):
         """(Stats, skipped) of the images claimed through `next_image`; tick(n) after each batch."""
         model = onnx.load_from_string(self.model_bytes) if model is None else model
-        stats = Stats(self.model_hash, self.preprocess, self.inputs.hw)
+        stats = Stats(self.model_hash, self.preprocess, self.inputs.hw, extras_digest=self.inputs.extras_digest())
         skipped = _run_shard(model, self.inputs, self.tensors, claimed(self.paths, next_image),
                              Preprocess.from_dict(self.preprocess), self.batch_size, self.threads, stats, tick,
                              decode_threads=decode_threads, channel_tensors=self.channel_tensors,
@@ -258,7 +272,7 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
     bar = tqdm(total=len(paths), desc="calibrating", unit="img", disable=not progress, leave=False)
     try:
         if workers.count == 1:
-            stats = Stats(model_hash, pp.to_dict(), inputs.hw)
+            stats = Stats(model_hash, pp.to_dict(), inputs.hw, extras_digest=inputs.extras_digest())
             skipped = _run_shard(model, inputs, tensors, paths, pp, batch_size, threads, stats, bar.update,
                                  decode_threads=2, channel_tensors=channel_tensors, minmax_only=minmax_only)
         else:

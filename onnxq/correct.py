@@ -17,7 +17,8 @@ all at once, over-corrects (measured). Means stream batch by batch.
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .calibrate import _feed, cores, make_session, model_with_outputs, run_concurrently, split_threads
+from .calibrate import _feed, make_session, model_with_outputs, run_concurrently, split_threads
+from .workers import cores
 from .kernels.channels import channel_sums
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import OnnxqError, UsageError
+from .errors import OnnxqError, UsageError, first_line
 from .preprocess import Preprocess, prepare
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}  # compared lower-cased
@@ -88,7 +88,7 @@ def load_image(path) -> np.ndarray:
 
 
 def _reason(exc):
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     if isinstance(exc, FileNotFoundError):
         return "no such file"
     if type(exc).__name__ == "UnidentifiedImageError":

@@ -4,6 +4,7 @@ Everything here raises OnnxqError with a one-line message naming the file, so
 that the CLI never shows a traceback for a bad model.
 """
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import OnnxqError, UsageError
+from .errors import OnnxqError, UsageError, first_line
 from .fileio import atomic_path
 
 # Domains onnxruntime's CPU provider implements; anything else is a custom op.
@@ -30,6 +31,15 @@ class ModelInputs:
     dynamic_batch: bool
     extras: dict = field(default_factory=dict)  # name -> constant array fed beside the image
     notes: list = field(default_factory=list)  # things the user should be told (defaults chosen)
+
+    def extras_digest(self) -> str:
+        """The constants fed beside the image, hashed: statistics hold only for the values they saw."""
+        h = hashlib.sha256()
+        for name in sorted(self.extras):
+            a = np.ascontiguousarray(self.extras[name])
+            h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
 
 
 def load_model(path, check=True) -> onnx.ModelProto:
@@ -84,8 +94,7 @@ def check_model(model, path="model"):
     except ValueError:
         pass  # > 2 GB: protobuf cannot serialise it for the checker; checked after save instead
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
-        raise OnnxqError(f"{path}: invalid ONNX model: {first}") from exc
+        raise OnnxqError(f"{path}: invalid ONNX model: {first_line(exc, 'invalid model')}") from exc
 
 
 def infer_shapes(model) -> onnx.ModelProto:
@@ -132,8 +141,9 @@ _ELEM = {
 }
 
 
-def find_inputs(model, imgsz=None, input_values=None, path="model") -> ModelInputs:
-    """Pick the image input (N,3,H,W float) and constants for any other input."""
+def find_inputs(model, imgsz=None, input_values=None, path="model", default_imgsz=None) -> ModelInputs:
+    """Pick the image input (N,3,H,W float) and constants for any other input. default_imgsz: the size a
+    dynamic input takes when no imgsz is given (the one a statistics file was collected at)."""
     inputs = graph_inputs(model)
     if not inputs:
         raise OnnxqError(f"{path}: the model has no inputs")
@@ -155,9 +165,9 @@ def find_inputs(model, imgsz=None, input_values=None, path="model") -> ModelInpu
     h, w = dims[2], dims[3]
     notes = []
     if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
-        if imgsz is None:
+        if imgsz is None and default_imgsz is None:
             raise UsageError(f"{path}: input {image.name} has dynamic height/width {dims[2:]}; pass --imgsz H[,W]")
-        h, w = imgsz
+        h, w = imgsz if imgsz is not None else default_imgsz
     elif imgsz is not None and tuple(imgsz) != (h, w):
         raise UsageError(f"{path}: --imgsz {imgsz[0]},{imgsz[1]} differs from the model's fixed input {h}x{w}")
     dynamic_batch = not isinstance(dims[0], int) or dims[0] <= 0

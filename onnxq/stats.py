@@ -61,6 +61,8 @@ class Stats:
     tensors: dict = field(default_factory=dict)  # tensor name -> GridHistogram
     skipped: int = 0  # unreadable images
     channel_max: dict = field(default_factory=dict)  # tensor -> per-channel max |x| (inputs of depthwise convs)
+    # ModelInputs.extras_digest() of the constants fed beside the image (None: a file from before it was kept)
+    extras_digest: str | None = None
 
     def observe_channels(self, name, values: np.ndarray):
         if values.ndim < 2 or values.size == 0:
@@ -76,8 +78,9 @@ class Stats:
         hist.update(np.ascontiguousarray(values).reshape(-1))
 
     def merge(self, other: "Stats") -> "Stats":
-        if other.model_hash != self.model_hash or other.preprocess != self.preprocess:
-            raise OnnxqError("cannot merge statistics of different models or preprocessing")
+        if (other.model_hash, other.preprocess, tuple(other.image_hw), other.extras_digest) != \
+                (self.model_hash, self.preprocess, tuple(self.image_hw), self.extras_digest):
+            raise OnnxqError("cannot merge statistics of different models, preprocessing or inputs")
         names = sorted(set(self.tensors) | set(other.tensors))
         merged = {}
         for n in names:
@@ -87,7 +90,7 @@ class Stats:
         for n, m in other.channel_max.items():
             channels[n] = np.maximum(channels[n], m) if n in channels else m
         return Stats(self.model_hash, self.preprocess, self.image_hw, self.num_images + other.num_images,
-                     merged, self.skipped + other.skipped, channels)
+                     merged, self.skipped + other.skipped, channels, self.extras_digest)
 
     def save(self, path):
         if any(isinstance(h, MinMaxOnly) for h in self.tensors.values()):
@@ -99,7 +102,7 @@ class Stats:
                 arrays[f"t{i}_{key}"] = value
         header = {"format": FORMAT_VERSION, "model_hash": self.model_hash, "preprocess": self.preprocess,
                   "image_hw": list(self.image_hw), "num_images": self.num_images, "skipped": self.skipped,
-                  "tensors": names}
+                  "tensors": names, "extras_digest": self.extras_digest}
         for n, m in self.channel_max.items():
             arrays[f"t{names.index(n)}_channel_max"] = m
         arrays["header"] = np.frombuffer(json.dumps(header, sort_keys=True).encode(), dtype=np.uint8)
@@ -122,19 +125,30 @@ class Stats:
                     if "channel_max" in arrays:
                         channels[n] = np.asarray(arrays.pop("channel_max"), dtype=np.float64)
                     tensors[n] = GridHistogram.from_arrays(arrays)
+                return cls(header["model_hash"], header["preprocess"], tuple(header["image_hw"]),
+                           header["num_images"], tensors, header.get("skipped", 0), channels,
+                           header.get("extras_digest"))
         except OnnxqError:
             raise
         except FileNotFoundError:
             raise OnnxqError(f"{path}: no such statistics file") from None
         except Exception as exc:
             raise OnnxqError(f"{path}: not an onnxq statistics file ({type(exc).__name__})") from exc
-        return cls(header["model_hash"], header["preprocess"], tuple(header["image_hw"]), header["num_images"],
-                   tensors, header.get("skipped", 0), channels)
 
-    def check_matches(self, model_hash_: str, preprocess: dict | None, path="stats"):
+    def check_matches(self, model_hash_: str, preprocess: dict | None, inputs, path="stats"):
+        """Refuse statistics of another model, preprocessing, input size or constant inputs (`inputs`: the
+        model.ModelInputs this quantization feeds): each changes the activations they describe."""
         if self.model_hash != model_hash_:
             raise OnnxqError(f"{path}: statistics were collected on another model (hash {self.model_hash[:12]}, "
                              f"this model {model_hash_[:12]})")
         if preprocess is not None and preprocess != self.preprocess:
             raise OnnxqError(f"{path}: statistics were collected with other preprocessing ({self.preprocess}); "
                              "drop the preprocessing flags or recalibrate")
+        (h, w), (H, W) = self.image_hw, inputs.hw
+        if (h, w) != (H, W):
+            raise OnnxqError(f"{path}: statistics were collected at {h}x{w} and this model is fed {H}x{W}; "
+                             f"give --imgsz {h},{w} or recalibrate")
+        if self.extras_digest != inputs.extras_digest() and (self.extras_digest is not None or inputs.extras):
+            raise OnnxqError(f"{path}: statistics were collected with other values for the inputs beside the "
+                             f"image ({', '.join(sorted(inputs.extras)) or 'none'}); give the same --input or "
+                             "recalibrate")

@@ -3,11 +3,20 @@ stop them on an error. What a worker runs is calibrate.Shard.count; this module 
 """
 
 import multiprocessing as mp
+import os
 import queue
 
 from .errors import OnnxqError
 
 _NO_MORE_IMAGES = 1 << 62
+
+
+def cores() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 class Workers:
@@ -55,9 +64,7 @@ class Workers:
                 tick()
                 dead = [p for p in self._procs if p.exitcode is not None]
                 if dead and self._results.empty():
-                    raise OnnxqError(f"a calibration worker process stopped (exit code {dead[0].exitcode}); from a "
-                                     "script, call onnxq under `if __name__ == '__main__':` (worker processes "
-                                     "re-import the main module)") from None
+                    raise OnnxqError(_death(dead[0].exitcode)) from None
                 continue
             if not ok:
                 raise value
@@ -85,6 +92,13 @@ class Workers:
 
     def __exit__(self, exc_type, *_):
         self.close(error=exc_type is not None)
+
+
+def _death(exitcode) -> str:
+    if exitcode < 0:  # a signal: the OOM killer, a kill from outside
+        return f"a calibration worker process was killed (signal {-exitcode})"
+    return (f"a calibration worker process stopped (exit code {exitcode}); from a script, call onnxq under "
+            "`if __name__ == '__main__':` (worker processes re-import the main module)")
 
 
 def stop_claiming(next_image):

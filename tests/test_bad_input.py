@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -26,8 +27,8 @@ def cli(*args, timeout=600):
 
 
 def one_line_error(stderr):
-    lines = [ln for ln in stderr.strip().splitlines() if ln and not ln.startswith(("note:", "warning:", "skipped"))
-             and "calibrating" not in ln]
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip() and not ln.startswith(("note:", "warning:", "skipped"))
+             and "calibrating" not in ln]  # (a closed progress bar leaves a line of blanks)
     assert "Traceback" not in stderr, stderr
     assert len(lines) == 1, stderr
     return lines[0]
@@ -282,6 +283,39 @@ def test_interrupt_during_calibration_leaves_nothing(tmp_path, sig, workers):
     assert "interrupted, nothing written" in err
     assert "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_worker_stops_the_run_with_one_line(tmp_path):
+    """The OOM killer or a kill from outside takes a worker: the run stops at once and says so (it is not a
+    missing main guard, which is what a worker exiting by itself usually means)."""
+    out = tmp_path / "q.onnx"
+    proc = subprocess.Popen([sys.executable, "-m", "onnxq", "quantize", str(SMALL), str(out), "--calib",
+                             str(CALIB_DIR / "images"), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def worker():  # the spawned calibration process (multiprocessing's resource tracker is a child too)
+        for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            cmdline = Path(f"/proc/{c}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                return int(c)
+
+    deadline = time.monotonic() + 60
+    while worker() is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # killed whenever it is: this process then counts every image and finds the worker gone
+    os.kill(worker(), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert one_line_error(err) == "onnxq quantize: error: a calibration worker process was killed (signal 9)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_first_line_of_an_error_without_a_message_is_its_type():
+    from onnxq.errors import first_line
+
+    assert first_line(MemoryError()) == "MemoryError"
+    assert first_line(RuntimeError("\n  [ONNXRuntimeError] : 6 : FAIL\n  at node 3")) == "[ONNXRuntimeError] : 6 : FAIL"
+    assert first_line(ValueError(""), "invalid model") == "invalid model"
 
 
 # ---- determinism ---------------------------------------------------------------------------

@@ -55,6 +55,56 @@ def test_stats_of_another_model_are_refused(tmp_path, capsys):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_stats_of_another_input_size_or_other_constant_inputs_are_refused(tmp_path, capsys):
+    """A dynamic-size model's activations depend on the size it is fed, and an extra input's constant scales
+    them: statistics hold only for what they saw. Without --imgsz the model is fed the file's size."""
+    import make_models as mm
+    from onnx import TensorProto, helper
+
+    model = mm.conv_net(dynamic=True)
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.input[0] == "r1":
+            node.input[0] = "r1_gain"
+    model.graph.node.insert(2, helper.make_node("Mul", ["r1", "gain"], ["r1_gain"]))
+    model.graph.input.append(helper.make_tensor_value_info("gain", TensorProto.FLOAT, [1]))
+    path = tmp_path / "dyn.onnx"
+    onnx.save(model, path)
+    stats, out = tmp_path / "s.npz", tmp_path / "q.onnx"
+    assert main(["calibrate", str(path), "--calib", str(CALIB_DIR / "images"), "--num-images", "2", "--imgsz", "48",
+                 "--input", "gain=2", "-o", str(stats), "--no-progress"]) == 0
+    quantize = ["quantize", str(path), str(out), "--stats", str(stats), "--bias-correction", "0"]
+    assert main([*quantize, "--imgsz", "64", "--input", "gain=2"]) == 1
+    assert "collected at 48x48 and this model is fed 64x64; give --imgsz 48,48" in capsys.readouterr().err
+    assert main([*quantize, "--input", "gain=100"]) == 1
+    assert "other values for the inputs beside the image (gain)" in capsys.readouterr().err
+    assert main(quantize) == 1  # gain defaults to 1
+    capsys.readouterr()
+    assert not out.exists()
+    assert main([*quantize, "--input", "gain=2"]) == 0  # 48x48 from the file
+    assert [d.dim_param or d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim][2:] == ["H", "W"]
+
+
+def test_a_stats_file_missing_its_header_keys_is_one_line(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    broken = tmp_path / "s.npz"
+    np.savez(broken, header=np.frombuffer(json.dumps({"format": 1, "tensors": []}).encode(), dtype=np.uint8))
+    assert main(["quantize", str(SMALL), str(tmp_path / "q.onnx"), "--stats", str(broken)]) == 1
+    assert "not an onnxq statistics file (KeyError)" in capsys.readouterr().err
+
+
+def test_stats_object_errors_name_it_briefly(tmp_path):
+    from onnxq.api import collect_stats, quantize_with_report
+    from onnxq.errors import OnnxqError
+
+    stats, _ = collect_stats(SMALL, CALIB_DIR / "images", num_images=2)
+    with pytest.raises(OnnxqError) as err:
+        quantize_with_report(MODELS_DIR / "yolo-fastestv2_352.onnx", stats=stats, bias_correction=0)
+    assert str(err.value).startswith("statistics: ") and len(str(err.value)) < 200
+
+
 def test_inspect_prints_tail_and_plan(tmp_path):
     code, stdout, _ = run_cli("inspect", MODELS_DIR / "yolov8n_from-int8_640.onnx", "--json", tmp_path / "i.json")
     assert code == 0

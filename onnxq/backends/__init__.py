@@ -7,7 +7,7 @@ entry point the rest of onnxq uses to run a model.
 
 from pathlib import Path
 
-from ..errors import OnnxqError, UsageError
+from ..errors import OnnxqError, UsageError, first_line
 
 BACKENDS = ("ort", "openvino")
 PRECISIONS = ("f32", "bf16", "default")
@@ -27,12 +27,6 @@ class Runner:
 
     def __call__(self, feed: dict) -> list:
         raise NotImplementedError
-
-
-def first_line(exc) -> str:
-    """The first line of a backend's (often multi-line, C++-flavoured) error message."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def check_model_file(model_path, allow_ir=False) -> Path:

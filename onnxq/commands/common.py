@@ -42,8 +42,8 @@ def add_calibration_arguments(parser):
     parser.add_argument("--batch", type=int, default=None, metavar="B",
                         help="calibration batch size for dynamic-batch models (default 8; static-batch models use 1)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="calibrate in N processes that claim the images as they go (same result as 1); "
-                             "one process already uses two cores")
+                        help="calibrate in N processes that claim the images as they go (same result as 1; at "
+                             "most one per core); one process already uses two cores")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="cores per worker (default: all of them over the workers); from 2 up they run two "
                              "batches at once, each on half")
