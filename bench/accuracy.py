@@ -87,6 +87,9 @@ def main():
     ap.add_argument("--peer-methods", nargs="+", default=["minmax", "percentile", "entropy"],
                     choices=["minmax", "percentile", "entropy"],
                     help="onnxruntime calibrators (Percentile/Entropy need ~18 GB for 128 images at 640)")
+    ap.add_argument("--targets", nargs="+", default=["qyolo", "openvino", "ort", "tensorrt"],
+                    choices=["qyolo", "openvino", "ort", "tensorrt"],
+                    help="onnxq rows of these placements (the method rows are qyolo's)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peers-only", action="store_true", help="FP32 and the peers only")
     ap.add_argument("--json", default=str(C.RESULTS / "accuracy.json"))
@@ -129,6 +132,7 @@ def main():
         configs.append(("onnxq uh W8A8 --target openvino", dict(method="uh", target="openvino")))
         configs.append(("onnxq uh W8A8 --target ort", dict(method="uh", target="ort")))
         configs.append(("onnxq uh W8A8 --target tensorrt", dict(method="uh", target="tensorrt")))
+        configs = [(label, opts) for label, opts in configs if opts["target"] in args.targets]
         if args.peers_only:
             configs = []
         pp = None
