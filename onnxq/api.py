@@ -22,7 +22,7 @@ from .derived import (derive_sigmoid_ranges, derive_unions, range_only, sigmoid,
                       union_sources, value_unions)
 from .errors import OnnxqError, UsageError, first_line
 from .kernels import warm_up
-from .model import find_inputs, infer_shapes, load_model
+from .model import EXTERNAL_DATA_THRESHOLD, find_inputs, infer_shapes, load_model
 from .passes.fold import fold_constants, name_nodes, untie_shared_weights
 from .passes.graph import to_graph, to_model
 from .passes.opset import upgrade_opset
@@ -368,6 +368,8 @@ def _check_output(out, source):
     """The checker with types and shapes (a QuantizeLinear fed the wrong type passes the plain one, and the
     runtime then refuses the file). Where the input model itself fails that stricter check, its failures are
     not onnxq's: the plain check then stands."""
+    if out.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        return  # protobuf cannot serialise it for the checker (as in model.check_model)
     try:
         onnx.checker.check_model(out, full_check=True)
         return
