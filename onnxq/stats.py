@@ -148,7 +148,10 @@ class Stats:
         if (h, w) != (H, W):
             raise OnnxqError(f"{path}: statistics were collected at {h}x{w} and this model is fed {H}x{W}; "
                              f"give --imgsz {h},{w} or recalibrate")
-        if self.extras_digest != inputs.extras_digest() and (self.extras_digest is not None or inputs.extras):
+        if self.extras_digest is None and inputs.extras:
+            raise OnnxqError(f"{path}: statistics from an onnxq that did not record the inputs beside the image "
+                             f"({', '.join(sorted(inputs.extras))}); recalibrate")
+        if self.extras_digest is not None and self.extras_digest != inputs.extras_digest():
             raise OnnxqError(f"{path}: statistics were collected with other values for the inputs beside the "
                              f"image ({', '.join(sorted(inputs.extras)) or 'none'}); give the same --input or "
                              "recalibrate")

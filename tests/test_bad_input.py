@@ -16,6 +16,7 @@ from PIL import Image
 
 import make_models as mm
 from conftest import CALIB_DIR, MODELS_DIR
+from onnxq.workers import cores
 
 SMALL = MODELS_DIR / "fastestdet_352.onnx"
 
@@ -364,6 +365,7 @@ def test_a_worker_given_only_unreadable_files_does_not_fail_the_run(tmp_path):
     assert stderr.count("skipped") == 2 and out.exists()
 
 
+@pytest.mark.skipif(cores() < 2, reason="workers are capped at the cores: one core starts none")
 def test_workers_from_a_script_without_a_main_guard_fail_with_the_fix_not_a_hang(tmp_path):
     """Worker processes start by re-importing the main module; a script that calls onnxq at its top level
     then starts calibration again in the worker, which dies. The caller gets the fix, and the process exits

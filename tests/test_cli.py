@@ -83,6 +83,21 @@ def test_stats_of_another_input_size_or_other_constant_inputs_are_refused(tmp_pa
     assert main([*quantize, "--input", "gain=2"]) == 0  # 48x48 from the file
     assert [d.dim_param or d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim][2:] == ["H", "W"]
 
+    # a file from before the digest was recorded: it cannot tell, so it is refused, and says why
+    import json
+
+    import numpy as np
+
+    with np.load(stats) as data:
+        arrays = dict(data)
+    header = json.loads(bytes(arrays["header"]).decode())
+    del header["extras_digest"]
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(tmp_path / "old.npz", **arrays)
+    quantize[quantize.index(str(stats))] = str(tmp_path / "old.npz")
+    assert main([*quantize, "--input", "gain=2"]) == 1
+    assert "did not record the inputs beside the image (gain); recalibrate" in capsys.readouterr().err
+
 
 def test_a_stats_file_missing_its_header_keys_is_one_line(tmp_path, capsys):
     import json

@@ -130,3 +130,16 @@ def test_output_check_sees_types_but_not_the_input_models_own_faults():
     with pytest.raises(Exception):
         onnx.checker.check_model(faulty, full_check=True)
     _check_output(faulty, faulty)
+
+
+@pytest.mark.parametrize("target", ["ort", "openvino", "qyolo", "tensorrt"])
+def test_maxpool_with_an_indices_output(target):
+    """MaxPool's optional second output is int64 indices: it gets no Q/DQ, its float output does."""
+    pool = [helper.make_node("MaxPool", ["r3"], ["pooled", "indices"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    model = mm.conv_net(extra_nodes=pool)
+    for node in model.graph.node:
+        if node.op_type == "Conv" and node.input[0] == "r3":
+            node.input[0] = "pooled"
+    q, _ = quantize_with_report(model, IMAGES, target=target, num_images=2, bias_correction=0)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "indices" for n in q.graph.node)
+    _run(q, _image())

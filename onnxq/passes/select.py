@@ -487,6 +487,6 @@ def _propagate_int8(graph, plan, target, add_site, uses, graph_outputs):
         for v in values:
             add_site(v, node.name, "input")
         for o in outs:
-            add_site(o, None, "elementwise")
-            if node.op in _SAME_SCALE_OPS:
+            add_site(o, None, "elementwise")  # (not for a MaxPool's int64 Indices: add_site skips it)
+            if node.op in _SAME_SCALE_OPS and o.name in plan.activations:
                 plan.activations[o.name].share = values[0].name
