@@ -143,3 +143,18 @@ def test_maxpool_with_an_indices_output(target):
     q, _ = quantize_with_report(model, IMAGES, target=target, num_images=2, bias_correction=0)
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "indices" for n in q.graph.node)
     _run(q, _image())
+
+
+@pytest.mark.parametrize("target", ["ort", "openvino", "qyolo", "tensorrt"])
+def test_a_graph_output_read_inside_the_graph(target):
+    """An export that also outputs a feature map its later convs read: those convs are quantized (they read
+    a Q/DQ copy) and the output itself stays the float tensor its Relu writes."""
+    model = mm.conv_net()
+    model.graph.output.append(helper.make_tensor_value_info("r2", TensorProto.FLOAT, ["N", 8, "h", "w"]))
+    q, report = quantize_with_report(model, IMAGES, target=target, num_images=2, bias_correction=0,
+                                     keep_first=False, keep_head=False)
+    reader = next(n for n in q.graph.node if n.op_type == "Conv" and n.input[0].startswith("r2"))
+    assert reader.input[0] == "r2_dequantized" and reader.name not in report.float_nodes
+    assert "r2" in [o.name for o in q.graph.output]
+    assert next(n for n in q.graph.node if "r2" in n.output).op_type == "Relu"
+    _run(q, _image())

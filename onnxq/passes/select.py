@@ -204,8 +204,10 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
         raise UsageError(f"--exclude {unmatched[0]!r} matches no Conv/MatMul/Gemm node or output tensor")
 
     def add_site(tensor, consumer_name, role):
-        if isinstance(tensor, gs.Constant) or tensor.name in graph_outputs:
+        if isinstance(tensor, gs.Constant):
             return
+        if tensor.name in graph_outputs and consumer_name is None:
+            return  # the model's output stays float; a named reader inside the graph may still read a copy
         if tensor.dtype is not None and tensor.dtype != np.float32:
             return  # a float16 (or integer) tensor between float32 layers: not on a float32 grid
         site = plan.activations.get(tensor.name)
