@@ -90,9 +90,9 @@ def give_memory_back():
     more after the next), which a script that quantizes model after model would carry. A run with arena
     shrinkage frees its wholly free regions, and malloc_trim hands the freed heap back (glibc only).
     """
-    h = onnx.helper
     # (cache_info: only where a session registered the arena; asking _exact_growth_arena() would register it)
     if _exact_growth_arena.cache_info().currsize and _exact_growth_arena():
+        h = onnx.helper
         one = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1]) for n in ("x", "y")]
         tiny = h.make_model(h.make_graph([h.make_node("Neg", ["x"], ["y"])], "shrink", one[:1], one[1:]),
                             opset_imports=[h.make_opsetid("", 13)], ir_version=8)
@@ -192,8 +192,8 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
             try:
                 outs = done.result()
             except Exception as exc:
-                first = first_line(exc)
-                raise OnnxqError(f"onnxruntime failed during calibration on {batch.paths[0]}: {first}") from exc
+                raise OnnxqError(f"onnxruntime failed during calibration on {batch.paths[0]}: "
+                                 f"{first_line(exc)}") from exc
             if failure:
                 raise failure[0]
             pending.put(outs)

@@ -183,13 +183,14 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
             plan.float_nodes[node.name] = f"--exclude {pat}"
             matched.add(pat)
             continue
-        if weight_of(node) is None:
+        w = weight_of(node)
+        if w is None:
             plan.float_nodes[node.name] = "weight is computed, not a constant"
             continue
-        if weight_of(node).values.dtype != np.float32:
+        if w.values.dtype != np.float32:
             # QuantizeLinear/DequantizeLinear here carry float32 scales and outputs (a float16 layer would
             # need its own); a model exported with float16 layers is quantized from its float32 export
-            plan.float_nodes[node.name] = f"{weight_of(node).values.dtype} weights (onnxq quantizes float32 layers)"
+            plan.float_nodes[node.name] = f"{w.values.dtype} weights (onnxq quantizes float32 layers)"
             continue
         if keep_head and node.name in head_outputs:
             plan.float_nodes[node.name] = "head output conv (kept float, Q-YOLO)"
