@@ -28,9 +28,9 @@ from .passes.graph import to_graph, to_model
 from .passes.opset import upgrade_opset
 from .passes.qdq import insert_qdq
 from .passes.select import plan_quantization
-from .preprocess import PRESETS, Preprocess, preprocess_from_metadata, preprocess_to_metadata
-from .ranges import (BITS, METHODS, RangeConfig, activation_params, needs_histogram, silu_input_range,
-                     weight_params)
+from .preprocess import PRESETS, Preprocess, as_preprocess, preprocess_from_metadata, preprocess_to_metadata
+from .ranges import (BITS, METHODS, RangeConfig, activation_params, bias_scale_floor, needs_histogram,
+                     silu_input_range, weight_params)
 from .stats import Stats, model_hash
 from .targets import TARGETS, get_target
 
@@ -194,8 +194,11 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     shift into its bias (0 disables it). It needs images, so with `stats` alone it is skipped.
     keep_first / keep_head: keep the first conv / the head's output convs float (None: the target's
     default; Q-YOLO keeps both).
+    preprocess: a Preprocess, a preset name ("ultralytics", "yolox", ...) or a dict of its fields; None
+    takes it from the model.
     """
     t0 = time.perf_counter()
+    preprocess = as_preprocess(preprocess)
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if w_bits not in BITS or a_bits not in BITS:
@@ -301,11 +304,17 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     # SiLU outputs first, then their inputs' ranges, then the Sigmoids': the range each can reach in the
     # quantized model
     sigmoid_of = {s: x for s, x in derived.items() if x in bounded}
+    image = prepared.inputs.image
     own = [(name, site) for name, site in sorted(plan.activations.items())
-           if site.share is None and name not in bounded and name not in sigmoid_of]  # sharing sites: below
+           if site.share is None and name not in bounded and name not in sigmoid_of and name != image]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # the searches release the GIL
         for (name, _), choice in zip(own, pool.map(lambda item: params_of(*item), own)):
             record(name, choice)
+    site = plan.activations.get(image)
+    if site is not None and site.share is None and image in st.tensors:
+        # every value 8-bit pixels can give, not the calibration images' range (a dark set would clip the
+        # bright pixels of others); with no mean/std the pixels land on the grid exactly
+        choose(image, site, range_only(*pp.value_range(), st.tensors[image]), label="pixel-range")
     for name, y in sorted(bounded.items()):
         if y not in act:
             report.float_tensors[name] = "its SiLU's output stays float"
@@ -329,8 +338,9 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     graph = prepared.graph
     nodes = {n.name: n for n in graph.nodes}
     for node_name, site in plan.weights.items():
-        w = nodes[node_name].inputs[1].values
-        wq = weight_params(site.weight, w, site.axis, cfg.w_bits)
+        node = nodes[node_name]
+        w = node.inputs[1].values
+        wq = weight_params(site.weight, w, site.axis, cfg.w_bits, _bias_scale_floor(node, act, w.shape[site.axis]))
         if wq is None:
             report.float_nodes[node_name] = "weight holds NaN/Inf"
             continue
@@ -450,6 +460,18 @@ def _keep_starved_depthwise_float(graph, plan, act, stats, report):
             act.pop(x, None)
 
 
+def _bias_scale_floor(node, act, channels):
+    """The weight-scale floor that keeps this node's constant bias inside int32, or None.
+
+    Also where the target keeps biases float (tensorrt): onnxruntime, running that model, quantizes the
+    bias to int32 itself."""
+    x = act.get(node.inputs[0].name)
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if x is None or not isinstance(bias, gs.Constant) or bias.values.ndim != 1:
+        return None
+    return bias_scale_floor(bias.values, x.scale, channels)
+
+
 def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, calib, pp, num_images, seed, report,
                     threads=None):
     from .correct import apply_bias_shift, conv_output_shift, measure_input_means
@@ -559,6 +581,7 @@ def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=Non
     from .calibrate import calibrate
     from .images import list_images
 
+    preprocess = as_preprocess(preprocess)
     warm_up()  # while the model is prepared
     prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
     pp, source = resolve_preprocess(prepared, preprocess)

@@ -84,6 +84,14 @@ class Preprocess:
         except (TypeError, ValueError) as exc:
             raise OnnxqError(f"preprocessing {d}: {exc}") from None
 
+    def value_range(self) -> tuple:
+        """(lo, hi): every value an 8-bit picture can give the model (all channels). With no mean and
+        std, 0-255 quantized over this range lands on the grid exactly (scale 1/self.scale)."""
+        mean = self.mean or (0.0, 0.0, 0.0)
+        std = self.std or (1.0, 1.0, 1.0)
+        ends = [(p / self.scale - m) / s for m, s in zip(mean, std) for p in (0.0, 255.0)]
+        return min(ends), max(ends)
+
     def describe(self) -> str:
         """One line, e.g. "RGB /255 letterbox pad 114"."""
         parts = [self.order.upper(), "0-255" if self.scale == 1 else f"/{self.scale:g}"]
@@ -106,6 +114,24 @@ PRESETS = {
 }
 
 
+def preset(name: str) -> Preprocess:
+    if name not in PRESETS:
+        raise UsageError(f"--preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def as_preprocess(value) -> Preprocess | None:
+    """What the Python API takes as `preprocess`: a Preprocess, a preset name, a dict of its fields, or
+    None (resolved from the model later)."""
+    if value is None or isinstance(value, Preprocess):
+        return value
+    if isinstance(value, str):
+        return preset(value)
+    if isinstance(value, dict):
+        return Preprocess.from_dict(value)
+    raise UsageError(f"preprocess {value!r}: expected a Preprocess, a preset name or a dict")
+
+
 def _triple(flag, text):
     try:
         values = tuple(float(v) for v in str(text).split(","))
@@ -126,11 +152,9 @@ def preprocess_from_args(args, default: Preprocess | None):
     preset or default start from the ultralytics preset.
     """
     pp, source = default, "default"
-    preset = getattr(args, "preset", None)
-    if preset:
-        if preset not in PRESETS:
-            raise UsageError(f"--preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}")
-        pp, source = PRESETS[preset], f"preset {preset}"
+    name = getattr(args, "preset", None)
+    if name:
+        pp, source = preset(name), f"preset {name}"
     changes = {}
     if getattr(args, "order", None):
         changes["order"] = args.order

@@ -166,8 +166,27 @@ def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True) -> R
                        _clipped_fraction(counts, lo_edge, width, lo_q, hi_q), mse, one_sided, int(hist.n_nonfinite))
 
 
-def weight_params(name, w: np.ndarray, axis: int, bits: int) -> WeightQuant | None:
-    """Symmetric per-channel MinMax; None (stay float) if the weight holds NaN or Inf."""
+# The int32 bias keeps this much headroom below 2^31: the integer kernel adds it to its int32 accumulator.
+BIAS_INT_LIMIT = 2**30
+
+
+def bias_scale_floor(bias: np.ndarray, x_scale: float, channels: int) -> np.ndarray | None:
+    """Per weight channel, the least scale at which the bias fits int32 (its scale is x_scale * w_scale).
+
+    A channel with near-zero weights (pruned, or BatchNorm-folded with gamma near 0) and a normal bias
+    would otherwise overflow int32 and be clipped without a word. A ConvTranspose's bias holds
+    group x channels entries (output channel o uses weight channel o mod channels). None if the bias
+    does not map onto the channels."""
+    b = np.abs(np.asarray(bias, dtype=np.float64)).ravel()
+    if channels <= 0 or b.size % channels or not (x_scale > 0) or not np.all(np.isfinite(b)):
+        return None
+    return b.reshape(-1, channels).max(axis=0) / (float(x_scale) * BIAS_INT_LIMIT)
+
+
+def weight_params(name, w: np.ndarray, axis: int, bits: int, min_scale=None) -> WeightQuant | None:
+    """Symmetric per-channel MinMax; None (stay float) if the weight holds NaN or Inf.
+
+    min_scale: per channel, a floor on the scale (bias_scale_floor)."""
     if not np.all(np.isfinite(w)):
         warnings.warn(f"weight {name} holds NaN or Inf; its layer stays float")
         return None
@@ -180,6 +199,12 @@ def weight_params(name, w: np.ndarray, axis: int, bits: int) -> WeightQuant | No
         fill = float(np.median(scale[~zero])) if (~zero).any() else 1.0
         scale = np.where(zero, fill, scale)
         warnings.warn(f"weight {name}: {int(zero.sum())} all-zero output channel(s); scale set to {fill:.3g}")
+    if min_scale is not None:
+        raised = scale < min_scale
+        if raised.any():
+            scale = np.maximum(scale, min_scale)
+            warnings.warn(f"weight {name}: {int(raised.sum())} output channel(s) with near-zero weights and a "
+                          f"large bias; their scale is raised so that the int32 bias holds it")
     scale = scale.astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1

@@ -158,3 +158,128 @@ def test_a_graph_output_read_inside_the_graph(target):
     assert "r2" in [o.name for o in q.graph.output]
     assert next(n for n in q.graph.node if "r2" in n.output).op_type == "Relu"
     _run(q, _image())
+
+
+def _logits(model, x):
+    """The head conv's output (conv_net ends in a Sigmoid, whose outputs near 0.5 hide errors in a cosine)."""
+    y = np.clip(_run(model, x).astype(np.float64), 1e-12, 1 - 1e-12)
+    return np.log(y / (1 - y))
+
+
+def _cosine(a, b):
+    return float(np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def _reroute_head(model, source):
+    for node in model.graph.node:  # the head conv reads `source` instead of r3
+        if node.op_type == "Conv" and node.input[0] == "r3":
+            node.input[0] = source
+    return model
+
+
+def _with_name_traps():
+    """Names onnxq would make up, already taken: a shared weight `sw` (its copy for node B would be `sw_B`),
+    another weight named `sw_B`, an initializer `w2_scale` beside weight w2, and an activation named
+    `r1_dequantized` beside r1."""
+    rng = np.random.default_rng(5)
+    w = lambda name, shape: numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)  # noqa: E731
+    inits = [w("sw", (8, 8, 3, 3)), w("sw_B", (8, 8, 3, 3)),
+             numpy_helper.from_array(rng.uniform(0.5, 1.5, (1, 8, 1, 1)).astype(np.float32), "w2_scale"),
+             numpy_helper.from_array(np.float32(2.0), "two")]
+    nodes = [helper.make_node("Mul", ["r3", "w2_scale"], ["m"]),
+             helper.make_node("Mul", ["r1", "two"], ["r1_dequantized"]),
+             helper.make_node("Add", ["m", "r1_dequantized"], ["s"]),
+             helper.make_node("Conv", ["s", "sw"], ["a"], name="A", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("Conv", ["ra", "sw"], ["b"], name="B", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["b"], ["rb"]),
+             helper.make_node("Conv", ["rb", "sw_B"], ["c"], name="C", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["rc"])]
+    return _reroute_head(mm.conv_net(extra_nodes=nodes, extra_inits=inits), "rc")
+
+
+@pytest.mark.parametrize("target", ["ort", "openvino", "qyolo", "tensorrt"])
+def test_made_up_names_never_take_a_name_the_model_uses(target):
+    """Before, C read B's copy of `sw` (named `sw_B`, like C's own weight), w2's scale replaced the model's
+    `w2_scale`, and two tensors were named `r1_dequantized`: wrong outputs, or a file onnxruntime refused."""
+    model = _with_name_traps()
+    q, _ = quantize_with_report(model, IMAGES, target=target, num_images=4, bias_correction=0)
+    names = [i.name for i in q.graph.initializer] + [o for n in q.graph.node for o in n.output]
+    assert len(names) == len(set(names))
+    x = _image()
+    assert _cosine(_logits(model, x), _logits(q, x)) > 0.98
+
+
+def _with_dead_channel():
+    """conv_net whose second conv has a channel of near-zero weights (BatchNorm-folded with gamma near 0, or
+    pruned) and a normal bias: at scale x_scale * w_scale its int32 bias would be ~1e13."""
+    model = mm.conv_net()
+    inits = {i.name: i for i in model.graph.initializer}
+    w2 = numpy_helper.to_array(inits["w2"]).copy()
+    w2[2] *= 1e-9
+    inits["w2"].CopyFrom(numpy_helper.from_array(w2, "w2"))
+    inits["b2"].CopyFrom(numpy_helper.from_array(np.full(8, 0.5, np.float32), "b2"))
+    return model
+
+
+@pytest.mark.parametrize("target", ["ort", "openvino", "qyolo", "tensorrt"])
+def test_a_dead_channels_bias_survives_int32(target):
+    """The channel's weight scale is raised until its bias fits int32 (with headroom for the accumulator);
+    before, the bias was clipped to 2^31 - 1 steps, 1e-4 instead of 0.5, without a word. tensorrt keeps the
+    bias float, and onnxruntime quantizes it itself when it runs that model: the same floor applies."""
+    model = _with_dead_channel()
+    with pytest.warns(UserWarning, match="1 output channel.*bias"):
+        q, _ = quantize_with_report(model, IMAGES, target=target, num_images=4, bias_correction=0)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    conv = next(n for n in q.graph.node if n.op_type == "Conv" and n.output[0] == "c2")
+    w_dq = next(n for n in q.graph.node if n.output[0] == conv.input[1])
+    x_dq = next(n for n in q.graph.node if n.output[0] == conv.input[0])
+    x_scale, w_scale = float(inits[x_dq.input[1]]), inits[w_dq.input[1]]
+    assert 0.5 / (x_scale * float(w_scale[2])) <= 2**30 + 1
+    if target != "tensorrt":
+        b_dq = next(n for n in q.graph.node if n.output[0] == conv.input[2])
+        bias = inits[b_dq.input[0]].astype(np.float64) * inits[b_dq.input[1]]
+        np.testing.assert_allclose(bias, 0.5, atol=1e-3)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(q)
+    probe.graph.output.append(helper.make_tensor_value_info("c2", TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    dead = sess.run(["c2"], {"images": _image()})[0][:, 2]
+    np.testing.assert_allclose(dead, 0.5, atol=0.01)
+
+
+@pytest.mark.parametrize("target", ["openvino", "tensorrt"])
+def test_a_concat_of_a_feature_map_and_the_image_takes_both_ranges(target):
+    """One scale per Concat: the image's exact pixel grid is for a group of the image's values alone (a
+    Focus stem). Here a ReLU map joins it, and on the image's grid (top 1.0) it was clipped: cosine 0.84."""
+    w5 = numpy_helper.from_array(np.random.default_rng(7).normal(0, 0.3, (8, 11, 1, 1)).astype(np.float32), "w5")
+    nodes = [helper.make_node("Concat", ["r3", "images"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "w5"], ["c5"]),
+             helper.make_node("Relu", ["c5"], ["r5"])]
+    model = _reroute_head(mm.conv_net(extra_nodes=nodes, extra_inits=[w5]), "r5")
+    q, report = quantize_with_report(model, IMAGES, target=target, num_images=4, bias_correction=0,
+                                     keep_first=False)
+    observed = {c.tensor: c.observed for c in report.activations}
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    quant = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r3")
+    top = (127 if target == "tensorrt" else 255) * float(inits[quant.input[1]])
+    assert top >= 0.99 * observed["cat"][1] > 1.0
+    x = _image()
+    assert _cosine(_logits(model, x), _logits(q, x)) > 0.98
+
+
+@pytest.mark.parametrize("preset,step", [("ultralytics", 1 / 255), ("yolox", 1.0)])
+def test_the_image_is_quantized_on_the_pixel_grid_whatever_the_calibration_images(tmp_path, preset, step):
+    """8-bit pixels divided by 255 (or not divided) land exactly on a grid of that step from 0; the
+    calibration images' own range (here dark ones: brightest 0.6) would clip other images' bright pixels."""
+    from PIL import Image
+
+    for path in sorted(IMAGES.iterdir())[:3]:
+        dark = (np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) * 0.6).astype(np.uint8)
+        Image.fromarray(dark).save(tmp_path / f"{path.stem}.png")
+    q, report = quantize_with_report(mm.conv_net(), tmp_path, target="openvino", preprocess=preset,
+                                     bias_correction=0)
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    quant = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "images")
+    assert float(inits[quant.input[1]]) == np.float32(step) and int(inits[quant.input[2]]) == 0
+    assert next(c for c in report.activations if c.tensor == "images").method == "pixel-range"

@@ -101,6 +101,12 @@ def test_exclude_by_name_and_regex(prepared):
         plan_quantization(prepared.graph, get_target("openvino"), exclude=["no-such-node-anywhere"])
     with pytest.raises(UsageError):
         plan_quantization(prepared.graph, get_target("openvino"), exclude=["(unclosed"])
+    # a conv in the decode tail (YOLOv8's DFL) exists and stays float anyway: naming it is no usage error
+    nodes = {n.name: n for n in prepared.graph.nodes}
+    tail_convs = [n for n in find_head(prepared.graph).tail if nodes[n].op == "Conv"]
+    for name in tail_convs:
+        plan4 = plan_quantization(prepared.graph, get_target("openvino"), exclude=[name])
+        assert plan4.weights == plan.weights
 
 
 def test_qdq_insertion_one_pair_per_tensor_and_float_consumers_untouched():  # Q-YOLO placement

@@ -260,3 +260,22 @@ def test_real_photo_letterbox(calib_images):
     assert 0.0 <= x.min() and x.max() <= 1.0
     full = t.to_original(np.array([[left, top, left + nw, top + nh]], float))
     np.testing.assert_allclose(full, [[0, 0, w, h]], atol=1e-9)
+
+
+def test_the_api_takes_a_preset_name_or_a_dict_as_preprocessing():
+    from onnxq.preprocess import as_preprocess
+
+    assert as_preprocess("yolox") == PRESETS["yolox"]
+    assert as_preprocess(PRESETS["nanodet"].to_dict()) == PRESETS["nanodet"]
+    assert as_preprocess(None) is None
+    with pytest.raises(UsageError, match="choose one of"):
+        as_preprocess("yolov9")
+    with pytest.raises(UsageError, match="expected a Preprocess"):
+        as_preprocess(255)
+
+
+def test_value_range_covers_every_8bit_pixel():
+    assert PRESETS["ultralytics"].value_range() == (0.0, 1.0)
+    assert PRESETS["yolox"].value_range() == (0.0, 255.0)
+    lo, hi = PRESETS["nanodet"].value_range()  # per-channel mean/std: the widest of the three channels
+    assert lo == pytest.approx(-123.675 / 58.395) and hi == pytest.approx((255 - 103.53) / 57.375)

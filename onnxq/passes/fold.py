@@ -8,6 +8,8 @@ passes see Constants where the runtime will.
 import onnx_graphsurgeon as gs
 import onnxruntime
 
+from .graph import name_maker
+
 # gs folds through onnxruntime, which warns about every Unsqueeze it cannot simplify
 onnxruntime.set_default_logger_severity(3)
 
@@ -36,6 +38,7 @@ def untie_shared_weights(graph: gs.Graph, ops=("Conv", "ConvTranspose", "MatMul"
     Yolo-FastestV2 runs one head conv's weights over two scales: quantized, each use needs its own
     int32 bias (the input scales differ) and its own bias correction, and one tensor name per DQ output.
     """
+    fresh = name_maker(graph)
     users = {}
     for node in graph.nodes:
         for t in node.inputs:
@@ -47,5 +50,5 @@ def untie_shared_weights(graph: gs.Graph, ops=("Conv", "ConvTranspose", "MatMul"
         for i, t in enumerate(node.inputs):
             if i == 0 or not isinstance(t, gs.Constant) or len(users.get(t.name, ())) < 2:
                 continue
-            node.inputs[i] = gs.Constant(f"{t.name}_{node.name}", t.values.copy())
+            node.inputs[i] = gs.Constant(fresh(f"{t.name}_{node.name}"), t.values.copy())
     return graph

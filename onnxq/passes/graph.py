@@ -26,6 +26,36 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def name_maker(graph: gs.Graph):
+    """A function base -> a tensor/node name not yet in the graph (base itself where it is free).
+
+    Names built by adding a suffix (`w_scale`) can already exist in a model; reusing one would make two
+    tensors share a name, and a reader could silently get the other's values.
+    """
+    taken = set()
+
+    def collect(g):
+        for node in g.nodes:
+            taken.add(node.name)
+            for attr in node.attrs.values():
+                for sub in attr if isinstance(attr, list) else [attr]:
+                    if isinstance(sub, gs.Graph):
+                        collect(sub)
+        taken.update(g.tensors().keys())
+
+    collect(graph)
+
+    def fresh(base: str) -> str:
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        return name
+
+    return fresh
+
+
 def consumers(graph: gs.Graph):
     """tensor name -> list of nodes that read it (graph.nodes order)."""
     out = {}

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .graph import name_maker
+
 
 @dataclass
 class QParams:
@@ -39,6 +41,17 @@ def _needs_clip(p: QParams) -> bool:
     return p.qmin > info.min or p.qmax < info.max
 
 
+def bias_channel_scales(node, w_scale: np.ndarray) -> np.ndarray:
+    """The weight scale of each output channel, as the bias sees them.
+
+    A ConvTranspose's weight is [C_in, C_out/group, ...]: output channel o uses the scale of o mod
+    C_out/group."""
+    w_scale = np.asarray(w_scale, dtype=np.float32)
+    if node.op == "ConvTranspose":
+        w_scale = np.tile(w_scale, int(node.attrs.get("group", 1)))
+    return w_scale
+
+
 def insert_qdq(graph: gs.Graph, plan, act_params: dict, weight_params: dict) -> gs.Graph:
     """act_params: tensor -> QParams; weight_params: node name -> WeightQuant."""
     tensors = graph.tensors()
@@ -49,7 +62,8 @@ def insert_qdq(graph: gs.Graph, plan, act_params: dict, weight_params: dict) -> 
             if t is not None and t.name:
                 uses.setdefault(t.name, []).append(node)
 
-    dq_of = {}
+    fresh = name_maker(graph)  # every name below is new: a model may already hold `w_scale`
+    dq_params = {}  # dequantized tensor name -> QParams of the tensor it copies
     for name, site in plan.activations.items():
         p = act_params.get(name)
         if p is None:
@@ -57,21 +71,24 @@ def insert_qdq(graph: gs.Graph, plan, act_params: dict, weight_params: dict) -> 
         if site.implicit:
             continue  # computed from dequantized inputs on its grid: its readers see int8 values already
         t = tensors[name]
-        scale = _scalar(f"{name}_scale", p.scale, np.float32)
-        zp = _scalar(f"{name}_zero_point", p.zero_point, p.dtype)
+        scale = _scalar(fresh(f"{name}_scale"), p.scale, np.float32)
+        zp = _scalar(fresh(f"{name}_zero_point"), p.zero_point, p.dtype)
         q_in = t
         if _needs_clip(p):
             # below 8 bits: clip onto the b-bit grid first so the model computes b-bit values
             lo = np.float32((p.qmin - p.zero_point) * p.scale)
             hi = np.float32((p.qmax - p.zero_point) * p.scale)
-            q_in = gs.Variable(f"{name}_clipped", dtype=np.float32, shape=t.shape)
-            graph.nodes.append(gs.Node("Clip", f"{name}_Clip", inputs=[t, _scalar(f"{name}_clip_lo", lo, np.float32),
-                                                                      _scalar(f"{name}_clip_hi", hi, np.float32)], outputs=[q_in]))
-        q_out = gs.Variable(f"{name}_quantized", dtype=p.dtype, shape=t.shape)
-        dq_out = gs.Variable(f"{name}_dequantized", dtype=np.float32, shape=t.shape)
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{name}_QuantizeLinear", inputs=[q_in, scale, zp], outputs=[q_out]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_DequantizeLinear", inputs=[q_out, scale, zp], outputs=[dq_out]))
-        dq_of[name] = (dq_out, p)
+            q_in = gs.Variable(fresh(f"{name}_clipped"), dtype=np.float32, shape=t.shape)
+            graph.nodes.append(gs.Node("Clip", fresh(f"{name}_Clip"),
+                                       inputs=[t, _scalar(fresh(f"{name}_clip_lo"), lo, np.float32),
+                                               _scalar(fresh(f"{name}_clip_hi"), hi, np.float32)], outputs=[q_in]))
+        q_out = gs.Variable(fresh(f"{name}_quantized"), dtype=p.dtype, shape=t.shape)
+        dq_out = gs.Variable(fresh(f"{name}_dequantized"), dtype=np.float32, shape=t.shape)
+        graph.nodes.append(gs.Node("QuantizeLinear", fresh(f"{name}_QuantizeLinear"), inputs=[q_in, scale, zp],
+                                   outputs=[q_out]))
+        graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{name}_DequantizeLinear"), inputs=[q_out, scale, zp],
+                                   outputs=[dq_out]))
+        dq_params[dq_out.name] = p
         readers = uses.get(name, []) if site.consumers is None else [nodes[c] for c in site.consumers]
         for reader in readers:
             for i, x in enumerate(reader.inputs):
@@ -85,29 +102,26 @@ def insert_qdq(graph: gs.Graph, plan, act_params: dict, weight_params: dict) -> 
             continue
         w = node.inputs[1]
         axis = site.axis
-        q = gs.Constant(f"{w.name}_quantized", wq.q.astype(np.int8))
-        scale = gs.Constant(f"{w.name}_scale", wq.scale.astype(np.float32))
-        zp = gs.Constant(f"{w.name}_zero_point", np.zeros(wq.scale.shape, dtype=np.int8))
-        w_dq = gs.Variable(f"{w.name}_dequantized", dtype=np.float32, shape=list(w.shape))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{w.name}_DequantizeLinear", inputs=[q, scale, zp],
+        q = gs.Constant(fresh(f"{w.name}_quantized"), wq.q.astype(np.int8))
+        scale = gs.Constant(fresh(f"{w.name}_scale"), wq.scale.astype(np.float32))
+        zp = gs.Constant(fresh(f"{w.name}_zero_point"), np.zeros(wq.scale.shape, dtype=np.int8))
+        w_dq = gs.Variable(fresh(f"{w.name}_dequantized"), dtype=np.float32, shape=list(w.shape))
+        graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{w.name}_DequantizeLinear"), inputs=[q, scale, zp],
                                    outputs=[w_dq], attrs={"axis": axis}))
         node.inputs[1] = w_dq
         x = node.inputs[0]
-        if site.bias is not None and x.name.endswith("_dequantized") and x.name[: -len("_dequantized")] in dq_of:
-            x_scale = dq_of[x.name[: -len("_dequantized")]][1].scale
+        if site.bias is not None and x.name in dq_params:
             b = node.inputs[2]
-            w_scale = wq.scale.astype(np.float32)
-            if node.op == "ConvTranspose":
-                # its weight is [C_in, C_out/group, ...]: output channel o uses the scale of o mod C_out/group
-                w_scale = np.tile(w_scale, int(node.attrs.get("group", 1)))
-            b_scale = (np.float32(x_scale) * w_scale).astype(np.float32)
-            # the int32 bias must represent the float bias; a zero scale (zero channel) keeps 0
+            b_scale = (np.float32(dq_params[x.name].scale) * bias_channel_scales(node, wq.scale)).astype(np.float32)
+            # the int32 bias must represent the float bias (the weight scale is floored so that it fits:
+            # ranges.weight_params); a zero scale (zero channel) keeps 0
             safe = np.where(b_scale > 0, b_scale, np.float32(1.0))
             b_q = np.clip(np.round(b.values.astype(np.float64) / safe), -(2**31), 2**31 - 1).astype(np.int32)
-            b_dq = gs.Variable(f"{b.name}_dequantized", dtype=np.float32, shape=list(b.shape))
-            graph.nodes.append(gs.Node("DequantizeLinear", f"{b.name}_DequantizeLinear",
-                                       inputs=[gs.Constant(f"{b.name}_quantized", b_q), gs.Constant(f"{b.name}_scale", safe),
-                                               gs.Constant(f"{b.name}_zero_point", np.zeros(b_q.shape, np.int32))],
+            b_dq = gs.Variable(fresh(f"{b.name}_dequantized"), dtype=np.float32, shape=list(b.shape))
+            graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{b.name}_DequantizeLinear"),
+                                       inputs=[gs.Constant(fresh(f"{b.name}_quantized"), b_q),
+                                               gs.Constant(fresh(f"{b.name}_scale"), safe),
+                                               gs.Constant(fresh(f"{b.name}_zero_point"), np.zeros(b_q.shape, np.int32))],
                                        outputs=[b_dq], attrs={"axis": 0}))
             node.inputs[2] = b_dq
     graph.cleanup().toposort()

@@ -176,9 +176,12 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
 
     quantized = []
     for node in graph.nodes:
-        if node.op not in COMPUTE_OPS or node.name in head.tail:
+        if node.op not in COMPUTE_OPS:
             continue
         pat = _excluded(node, excludes)
+        if node.name in head.tail:
+            matched.add(pat)  # the decode tail stays float anyway: an --exclude naming it is still valid
+            continue
         if pat is not None:
             plan.float_nodes[node.name] = f"--exclude {pat}"
             matched.add(pat)
@@ -315,12 +318,13 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
 
     With equal scales the runtime concatenates the int8 values as they are, and TensorRT can drop the
     Concat. The parameters come from the statistics of the whole group merged (tensors already tied by
-    `share`, a Split and its pieces say, join it); a group that reaches the image keeps the image's
-    exact ones. output_on_input_grid: the Concat output gets no Q/DQ of its own (its values are on the
+    `share`, a Split and its pieces say, join it); a group of the image's values alone (a Focus
+    stem's Slices and Concat) keeps the image's exact ones. output_on_input_grid: the Concat output gets no Q/DQ of its own (its values are on the
     inputs' grid already); OpenVINO requantizes every input of a Concat that has one (a u8 -> f32 -> u8
     subgraph per input, measured on YOLOv8n: 1.2 ms).
     """
     parent = {}
+    tensors = graph.tensors()
 
     def find(t):
         while parent.setdefault(t, t) != t:
@@ -353,7 +357,6 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
     if output_on_input_grid:
         # an op that picks values (MaxPool, nearest Resize, Split) joins its input's group: its output is
         # then on that grid too (no requantization between, e.g., an upsampled map and its source)
-        tensors = graph.tensors()
         for name in list(plan.activations):
             source = _picked_from(tensors[name], plan)
             if source is not None:
@@ -365,6 +368,9 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
         if len(members) < 2:
             continue
         image = [m for m in members if m in graph_inputs]
+        if image and not all((_pass_through_sources(tensors[m], graph_inputs) or {None}) <= set(image)
+                             for m in members):
+            image = []  # the image joins feature maps: the group takes the range of all their values
         observed = [m for m in members if plan.activations[m].share is None]
         # the outermost Concat of the group holds every value of its inputs: its site leads
         leaders = image or [t for t in reversed(concat_outputs) if t in members] or observed
@@ -440,6 +446,25 @@ def _picks_values(node) -> bool:
     return (node.op in _SAME_SCALE_OPS or node.op == "Identity") and bool(node.inputs)
 
 
+def _pass_through_sources(tensor, graph_inputs) -> set | None:
+    """The graph inputs `tensor` holds values of, through layout ops only (a Focus stem's Slices and
+    Concat), or None if any other op computes it."""
+    sources, stack, seen = set(), [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        if t.name in graph_inputs:
+            sources.add(t.name)
+            continue
+        p = producer(t)
+        if p is None or p.op not in _PASS_THROUGH:
+            return None
+        stack.extend(v for v in p.inputs if isinstance(v, gs.Variable))
+    return sources
+
+
 def _quantize_image_input(graph, quantized, plan, add_site, graph_inputs):
     """Quantize the image itself where the first conv reads it through layout ops only (YOLOX's Focus stem):
     the ops between then run in int8 too. The conv's own input keeps the image's parameters (exact: the
@@ -448,20 +473,8 @@ def _quantize_image_input(graph, quantized, plan, add_site, graph_inputs):
         x = node.inputs[0]
         if x.name in graph_inputs or x.name not in plan.activations:
             continue
-        sources, stack, seen, ok = set(), [x], set(), True
-        while stack and ok:
-            t = stack.pop()
-            if t.name in seen:
-                continue
-            seen.add(t.name)
-            if t.name in graph_inputs:
-                sources.add(t.name)
-                continue
-            p = producer(t)
-            ok = p is not None and p.op in _PASS_THROUGH
-            if ok:
-                stack.extend(v for v in p.inputs if isinstance(v, gs.Variable))
-        if ok and len(sources) == 1:
+        sources = _pass_through_sources(x, graph_inputs)
+        if sources is not None and len(sources) == 1:
             image = next(t for t in graph.inputs if t.name in sources)
             add_site(image, None, "input")
             plan.activations[x.name].share = image.name
