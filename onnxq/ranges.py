@@ -192,7 +192,8 @@ def weight_params(name, w: np.ndarray, axis: int, bits: int, min_scale=None) -> 
         return None
     qmax = 2 ** (bits - 1) - 1
     absmax = np.asarray(search.per_channel_absmax(np.ascontiguousarray(w, dtype=np.float32), axis), dtype=np.float64)
-    scale = absmax / qmax
+    # zero checked in float32, where the scale is stored: a channel of values around 1e-44 is 0 there
+    scale = (absmax / qmax).astype(np.float32).astype(np.float64)
     zero = scale <= 0
     if zero.any():
         # any scale represents an all-zero channel; a typical one keeps the int32 bias scale sane

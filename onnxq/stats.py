@@ -19,7 +19,7 @@ import onnx
 from .errors import OnnxqError
 from .fileio import write_bytes_atomic
 from .kernels.channels import channel_absmax
-from .kernels.histogram import GridHistogram, range_and_counts
+from .kernels.histogram import GridHistogram, as_batch, range_and_counts
 
 FORMAT_VERSION = 1
 
@@ -36,15 +36,15 @@ class MinMaxOnly:
         self.mn, self.mx, self.n_finite, self.n_nonfinite = np.inf, -np.inf, 0, 0
 
     def update(self, x):
-        mn, mx, nf, nn, _ = range_and_counts(np.ascontiguousarray(x).reshape(-1))
-        if nf:
-            self.mn, self.mx = min(self.mn, float(mn)), max(self.mx, float(mx))
+        mn, mx, nf, nn, _ = range_and_counts(as_batch(x))
+        if nf:  # + 0.0: a zero bound is +0.0 in any order (kernels.histogram)
+            self.mn, self.mx = min(self.mn, float(mn)) + 0.0, max(self.mx, float(mx)) + 0.0
         self.n_finite += int(nf)
         self.n_nonfinite += int(nn)
 
     def merge(self, other):
         out = MinMaxOnly()
-        out.mn, out.mx = min(self.mn, other.mn), max(self.mx, other.mx)
+        out.mn, out.mx = min(self.mn, other.mn) + 0.0, max(self.mx, other.mx) + 0.0
         out.n_finite, out.n_nonfinite = self.n_finite + other.n_finite, self.n_nonfinite + other.n_nonfinite
         return out
 

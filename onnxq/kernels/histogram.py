@@ -334,7 +334,8 @@ def range_and_counts(x):
     return (*batch_minmax(x), False)
 
 
-def _as_batch(x):
+def as_batch(x):
+    """x as a flat float32 or float64 array (float16 widened exactly) for the kernels."""
     x = np.asarray(x)
     if x.dtype == np.float16:
         x = x.astype(np.float32)  # exact, and keeps the float32 fast path
@@ -363,14 +364,16 @@ class GridHistogram:
         e, offset = int(e), int(offset)
         if self.n_finite and (e, offset) != (self.e, self.offset):
             self.hist = regrid(self.hist, self.e, self.offset, e, offset, self.slots)
-        self.mn, self.mx, self.e, self.offset = mn, mx, e, offset
+        # min(-0.0, 0.0) is whichever comes first: + 0.0 makes a zero bound +0.0 in any order of images,
+        # shards or merges, so statistics stay identical byte for byte
+        self.mn, self.mx, self.e, self.offset = mn + 0.0, mx + 0.0, e, offset
 
     def update(self, x):
-        x = _as_batch(x)
+        x = as_batch(x)
         if x.dtype == np.float32:
             hist, mn, mx, e, offset, nf, nn = fold_float32(x, self.hist, float(self.mn), float(self.mx), self.e,
                                                            self.offset, self.n_finite, FOLD_CHUNK)
-            self.hist, self.mn, self.mx, self.e, self.offset = hist, float(mn), float(mx), int(e), int(offset)
+            self.hist, self.mn, self.mx, self.e, self.offset = hist, float(mn) + 0.0, float(mx) + 0.0, int(e), int(offset)
             self.n_finite, self.n_nonfinite = int(nf), self.n_nonfinite + int(nn)
             return
         mn, mx, nf, nn, all_finite = range_and_counts(x)
