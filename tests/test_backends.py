@@ -13,7 +13,7 @@ from onnxq.backends import get_runner
 from onnxq.backends.bench import measure, measure_many, random_feed
 from onnxq.backends.openvino.build import build_ir, int8_convolution_fraction, runtime_precisions
 from onnxq.backends.ort.build import integer_conv_report, op_counts, optimize
-from onnxq.backends.tensorrt.build import build_engine, trtexec_command
+from onnxq.backends.tensorrt.build import build_engine, input_profile, trtexec_command
 from onnxq.cli import main
 from onnxq.errors import OnnxqError, UsageError
 
@@ -220,6 +220,51 @@ def test_build_engine_really_builds(qdq_model, tmp_path):
         pytest.skip(missing)
     out = build_engine(qdq_model, tmp_path / "q.engine")
     assert out.is_file() and out.stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def dynamic_qdq(tmp_path_factory):
+    """onnxq's tensorrt-target model of a net with dynamic batch, height and width."""
+    import make_models as mm
+    from conftest import CALIB_DIR
+    from onnxq.api import quantize_with_report
+    from onnxq.model import save_model
+
+    model = mm.conv_net(dynamic=True)
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    q, _ = quantize_with_report(model, CALIB_DIR / "images", target="tensorrt", imgsz=(64, 96), num_images=2,
+                                bias_correction=0)
+    return save_model(q, tmp_path_factory.mktemp("dyn") / "dyn_trt.onnx")
+
+
+def test_input_profile_gives_dynamic_inputs_their_build_shapes(dynamic_qdq, qdq_model):
+    """TensorRT builds a model with dynamic inputs only with an optimization profile: batch 1 to
+    --max-batch, the height and width of --imgsz. The shapes are read from the file, so what is missing is
+    said before TensorRT is needed."""
+    assert input_profile(qdq_model) == {}
+    assert input_profile(dynamic_qdq, (64, 96), max_batch=8) == {
+        "images": ((1, 3, 64, 96), (8, 3, 64, 96), (8, 3, 64, 96))}
+    with pytest.raises(UsageError, match="--imgsz H,W"):
+        input_profile(dynamic_qdq)
+    with pytest.raises(UsageError, match="fixed batch"):
+        input_profile(qdq_model, max_batch=4)
+    line = trtexec_command("q.onnx", "q.engine", input_profile(dynamic_qdq, (64, 96), max_batch=8))
+    assert "--minShapes=images:1x3x64x96 --optShapes=images:8x3x64x96 --maxShapes=images:8x3x64x96" in line
+
+
+def test_cli_build_tensorrt_of_a_dynamic_model(dynamic_qdq, tmp_path, capsys):
+    engine = tmp_path / "d.engine"
+    assert main(["build", str(dynamic_qdq), "--backend", "tensorrt", "-o", str(engine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--imgsz" in err
+    assert main(["build", str(dynamic_qdq), "--backend", "ort", "--imgsz", "64,96"]) == 2
+    assert "for --backend tensorrt" in capsys.readouterr().err
+    code = main(["build", str(dynamic_qdq), "--backend", "tensorrt", "--imgsz", "64,96", "--max-batch", "4",
+                 "-o", str(engine)])
+    if _tensorrt_available() is None:
+        assert code == 0 and engine.is_file()
+    else:
+        assert code == 1 and "--maxShapes=images:4x3x64x96" in capsys.readouterr().err and not engine.exists()
 
 
 # ---- bench ---------------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ def register(sub):
                         "(default: beside the model)")
     p.add_argument("--no-fp16", action="store_true", help="tensorrt: INT8 + FP32 only")
     p.add_argument("--workspace-gb", type=float, default=2.0, metavar="GB", help="tensorrt builder workspace (default 2)")
+    p.add_argument("--imgsz", metavar="H,W", help="tensorrt: the input size to build a dynamic-size model for")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="tensorrt: the largest batch a dynamic-batch model's engine takes (default 1)")
     p.add_argument("--all", action="store_true", help="openvino: list every convolution, not only the summary")
     p.add_argument("--json", metavar="PATH", help="write what is printed as JSON")
     add_verbose(p)
@@ -70,25 +73,32 @@ def _build_openvino(model, out, list_all):
     return {"output": str(xml), "layers": rows, "int8_convolutions": n_int8, "convolutions": len(convs)}
 
 
-def _build_tensorrt(model, out, fp16, workspace_gb):
+def _build_tensorrt(model, out, fp16, workspace_gb, imgsz, max_batch):
     from ..backends.tensorrt.build import build_engine
 
-    path = build_engine(model, out, fp16=fp16, workspace_gb=workspace_gb)
+    path = build_engine(model, out, fp16=fp16, workspace_gb=workspace_gb, imgsz=imgsz, max_batch=max_batch)
     print(f"onnxq build: TensorRT engine written to {path} ({path.stat().st_size} bytes)")
     return {"output": str(path), "fp16": fp16}
 
 
 def run(args):
+    from ..preprocess import imgsz_from_args
+
     quiet_warnings(args.verbose)
     if args.workspace_gb <= 0:
         raise UsageError(f"--workspace-gb {args.workspace_gb}: must be positive")
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch {args.max_batch}: must be at least 1")
+    if args.backend != "tensorrt" and (args.imgsz or args.max_batch != 1):
+        raise UsageError("--imgsz and --max-batch are for --backend tensorrt")
     out = Path(args.output) if args.output else _default_output(args.model, args.backend)
     if args.backend == "ort":
         result = _build_ort(args.model, out)
     elif args.backend == "openvino":
         result = _build_openvino(args.model, out, args.all)
     else:
-        result = _build_tensorrt(args.model, out, not args.no_fp16, args.workspace_gb)
+        result = _build_tensorrt(args.model, out, not args.no_fp16, args.workspace_gb, imgsz_from_args(args),
+                                 args.max_batch)
     if args.json:
         write_json(args.json, {"model": str(args.model), "backend": args.backend, **result})
     return 0
