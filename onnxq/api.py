@@ -361,7 +361,7 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         t3 = time.perf_counter()
         bc_images = min(bias_correction, num_images) if num_images else bias_correction
         out = _bias_corrected(prepared, float_graph, plan, act, weights, out, calib, pp, bc_images, seed, report,
-                              threads)
+                              threads, batch_size)
         report.seconds["bias_correction"] = round(time.perf_counter() - t3, 3)
     elif bias_correction:
         notes.append("bias correction skipped: it needs images (give --calib with --stats)")
@@ -473,7 +473,7 @@ def _bias_scale_floor(node, act, channels):
 
 
 def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, calib, pp, num_images, seed, report,
-                    threads=None):
+                    threads=None, batch_size=None):
     from .correct import apply_bias_shift, conv_output_shift, measure_input_means
     from .images import iter_batches, list_images
 
@@ -486,9 +486,14 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
     sources = {nodes[n].inputs[0].name: _mean_sources(tensors, plan, act, nodes[n].inputs[0].name) for n in convs}
     quantized = {f: q for parts in sources.values() for f, q, _ in parts}
     paths = list_images(calib, num_images=num_images, seed=seed)
-    batch = 8 if prepared.inputs.dynamic_batch else 1
-    batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=batch))
-    measured = measure_input_means(quant_model, quantized, prepared.inputs, batches, threads)
+    read = []  # images per batch actually decoded (unreadable files are skipped)
+
+    def batches():
+        for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=prepared.inputs.batch_size(batch_size)):
+            read.append(len(b.images))
+            yield b.images
+
+    measured = measure_input_means(quant_model, quantized, prepared.inputs, batches(), threads)
     means = {}
     for x, parts in sources.items():
         if all(f in measured for f, _, _ in parts):
@@ -506,7 +511,7 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
         w_deq = wq.q.astype(np.float64) * wq.scale.reshape(shape).astype(np.float64)
         shifts[n] = conv_output_shift(w, w_deq, *means[x], int(node.attrs.get("group", 1)))
     changed = apply_bias_shift(float_graph, shifts)
-    report.notes.append(f"bias correction: {changed} conv biases adjusted over {len(paths)} images")
+    report.notes.append(f"bias correction: {changed} conv biases adjusted over {sum(read)} images")
     return to_model(insert_qdq(float_graph, plan, act, weights), prepared.source)
 
 

@@ -260,10 +260,7 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
     from tqdm import tqdm
 
     tensors = list(tensors)
-    if batch_size is None:
-        batch_size = 8 if inputs.dynamic_batch else 1
-    if not inputs.dynamic_batch:
-        batch_size = 1  # a static-batch model takes one image at a time
+    batch_size = inputs.batch_size(batch_size)
     if not isinstance(workers, Workers):
         with Workers(min(int(workers), len(paths))) as started:
             return calibrate(model, inputs, tensors, paths, pp, model_hash, batch_size=batch_size, workers=started,

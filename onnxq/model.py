@@ -32,6 +32,12 @@ class ModelInputs:
     extras: dict = field(default_factory=dict)  # name -> constant array fed beside the image
     notes: list = field(default_factory=list)  # things the user should be told (defaults chosen)
 
+    def batch_size(self, requested=None) -> int:
+        """Images per run: `requested` (default 8) where the batch is dynamic, else one at a time."""
+        if not self.dynamic_batch:
+            return 1
+        return 8 if requested is None else int(requested)
+
     def extras_digest(self) -> str:
         """The constants fed beside the image, hashed: statistics hold only for the values they saw."""
         h = hashlib.sha256()
@@ -61,8 +67,8 @@ def load_model(path, check=True) -> onnx.ModelProto:
         raise OnnxqError(f"{path}: not an ONNX model (no graph nodes)")
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
-    except (FileNotFoundError, OSError) as exc:
-        raise OnnxqError(f"{path}: external data missing: {exc}") from exc
+    except (OSError, onnx.checker.ValidationError) as exc:  # newer onnx checks the path first: ValidationError
+        raise OnnxqError(f"{path}: external data missing: {first_line(exc)}") from exc
     if check:
         check_model(model, path)
     return model
@@ -156,8 +162,12 @@ def find_inputs(model, imgsz=None, input_values=None, path="model", default_imgs
     if not images:
         int_images = [vi.name for vi in inputs if (_dims(vi) or [None, None])[1:2] == [3] and len(_dims(vi)) == 4]
         if int_images:
-            kind = onnx.TensorProto.DataType.Name(next(vi for vi in inputs if vi.name == int_images[0]).type.tensor_type.elem_type)
-            raise OnnxqError(f"{path}: image input {int_images[0]} is {kind}; onnxq needs a float N,3,H,W input (export without the uint8 pre-processing)")
+            elem = next(vi for vi in inputs if vi.name == int_images[0]).type.tensor_type.elem_type
+            kind = onnx.TensorProto.DataType.Name(elem)
+            fix = ("quantize its float32 export" if elem in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+                   else "export without the uint8 pre-processing")
+            raise OnnxqError(f"{path}: image input {int_images[0]} is {kind}; onnxq needs a float32 N,3,H,W input "
+                             f"({fix})")
         described = ", ".join(f"{vi.name}{_dims(vi)}:{onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)}" for vi in inputs)
         raise OnnxqError(f"{path}: no image-like input (float N,3,H,W); inputs are {described}")
     image = images[0]

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import make_models as mm
-from conftest import CALIB_DIR, MODELS_DIR
+from conftest import CALIB_DIR, MODELS_DIR, VAL_DIR
 from onnxq.workers import cores
 
 SMALL = MODELS_DIR / "fastestdet_352.onnx"
@@ -112,6 +112,19 @@ def test_model_over_2gb_with_external_data(tmp_path, images):
     assert code == 0, stderr
     q = onnx.load(str(out))
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+
+
+@pytest.mark.parametrize("command", ["quantize", "calibrate", "inspect", "eval"])
+def test_a_model_whose_external_data_file_is_missing(tmp_path, images, command):
+    """Saved with its weights beside it, then moved without them: newer onnx raises a ValidationError while
+    loading them, which went out as a traceback."""
+    path = tmp_path / "moved.onnx"
+    onnx.save(mm.conv_net(), str(path), save_as_external_data=True, location="moved.data", size_threshold=0)
+    (tmp_path / "moved.data").unlink()
+    extra = {"quantize": [tmp_path / "q.onnx", "--calib", images], "calibrate": ["--calib", images, "-o",
+             tmp_path / "s.npz"], "inspect": [], "eval": ["--data", VAL_DIR]}[command]
+    code, _, stderr = cli(command, path, *extra)
+    assert code == 1 and "external data missing" in one_line_error(stderr), stderr
 
 
 # ---- calibration input ---------------------------------------------------------------------
@@ -280,8 +293,8 @@ def test_interrupt_during_calibration_leaves_nothing(tmp_path, sig, workers):
     else:
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted, nothing written" in err
+    assert proc.returncode == 128 + sig, err  # 130 for Ctrl-C, 143 for SIGTERM, as a shell reports them
+    assert ("interrupted" if sig == signal.SIGINT else "terminated") + ", nothing written" in err
     assert "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
 
@@ -317,6 +330,25 @@ def test_first_line_of_an_error_without_a_message_is_its_type():
     assert first_line(MemoryError()) == "MemoryError"
     assert first_line(RuntimeError("\n  [ONNXRuntimeError] : 6 : FAIL\n  at node 3")) == "[ONNXRuntimeError] : 6 : FAIL"
     assert first_line(ValueError(""), "invalid model") == "invalid model"
+
+
+def test_first_line_skips_where_a_cpp_error_was_thrown():
+    """OpenVINO's message opened with 'Exception from src/inference/src/cpp/core.cpp:84:' and only that was
+    shown; the cause is further down, under a heading."""
+    from onnxq.errors import first_line
+
+    message = ("Exception from src/inference/src/cpp/core.cpp:84:\n"
+               "Check 'false' failed at src/frontends/common_translators/src/unconverted_ops_report.cpp:151:\n"
+               "FrontEnd API failed with OpConversionFailure:\n"
+               "Model wasn't fully converted. Failed operations detailed log:\n"
+               "-- Conv-13 with a message:\n"
+               "While validating ONNX node '<Node(Conv): c>': Check 'rank' failed at src/op/conv.cpp:38:\n"
+               "FrontEnd API failed with GeneralFailure:\n"
+               "The input data tensor's rank has to be known (static)\n")
+    assert first_line(RuntimeError(message)) == ("Model wasn't fully converted. Failed operations detailed log: "
+                                                 "-- Conv-13 with a message: The input data tensor's rank has to "
+                                                 "be known (static)")
+    assert first_line(RuntimeError("Exception from src/core.cpp:84:")) == "Exception from src/core.cpp:84:"
 
 
 # ---- determinism ---------------------------------------------------------------------------

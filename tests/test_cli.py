@@ -151,6 +151,33 @@ def test_compare_model_against_itself(tmp_path):
     assert len(list((tmp_path / "plots").glob("*.png"))) >= 1
 
 
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "COPY", "--calib", "IMAGES", "-o", "COPY"],
+    ["inspect", "COPY", "--json", "COPY"],
+    ["eval", "COPY", "--data", "VAL", "--json", "COPY"],
+    ["bench", "COPY", "--json", "COPY"],
+    ["build", "COPY", "--backend", "ort", "-o", "COPY"],
+    ["build", "COPY", "--backend", "ort", "--json", "COPY"],
+    ["quantize", "COPY", "OUT.onnx", "--calib", "IMAGES", "--report", "COPY"],
+    ["quantize", "COPY", "OUT.onnx", "--calib", "IMAGES", "--report", "OUT.onnx"],
+    ["compare", "COPY", "OTHER", "--calib", "IMAGES", "--json", "OTHER"],
+])
+def test_no_output_overwrites_an_input(tmp_path, argv):
+    """Each of these replaced the model (or the quantized output with the report) and exited 0."""
+    import shutil
+
+    copy, other = tmp_path / "m.onnx", tmp_path / "other.onnx"
+    shutil.copy(SMALL, copy)
+    shutil.copy(SMALL, other)
+    before = copy.read_bytes()
+    subst = {"COPY": str(copy), "OTHER": str(other), "OUT.onnx": str(tmp_path / "out.onnx"),
+             "IMAGES": str(CALIB_DIR / "images"), "VAL": str(VAL_DIR)}
+    code, _, stderr = run_cli(*[subst.get(a, a) for a in argv])
+    assert code == 2 and "choose" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert copy.read_bytes() == before and other.read_bytes() == before
+    assert not (tmp_path / "out.onnx").exists()
+
+
 @pytest.mark.parametrize("args,code,needle", [
     (["quantize", "MISSING.onnx", "OUT.onnx", "--calib", "IMAGES"], 1, "no such file"),
     (["quantize", "MODEL", "OUT.onnx"], 2, "--calib DIR"),
@@ -203,3 +230,18 @@ def test_keep_and_quantize_first_are_exclusive(capsys):
         main(["quantize", "in.onnx", "out.onnx", "--calib", "d", "--keep-first", "--quantize-first"])
     assert exit_.value.code == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_json_outputs_hold_no_nan_or_infinity(tmp_path):
+    """A report's MSE of a range-only tensor is NaN and a compare row's SQNR of an exact tensor is infinite:
+    written as null, since strict JSON parsers (JavaScript's, jq's) refuse NaN and Infinity."""
+    from onnxq.commands.common import write_json
+
+    path = tmp_path / "r.json"
+    write_json(path, {"mse": float("nan"), "rows": [{"sqnr_db": float("inf")}, (1.5, -float("inf"))]})
+
+    def refuse(name):
+        raise ValueError(name)
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"mse": None, "rows": [{"sqnr_db": None},
+                                                                                         [1.5, None]]}

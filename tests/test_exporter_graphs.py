@@ -107,6 +107,16 @@ def test_a_float16_model_is_refused_with_the_reason():
         quantize_with_report(_float16_layers(all_layers=True), IMAGES, num_images=2, bias_correction=0)
 
 
+def test_a_float16_image_input_is_refused_with_the_fix():
+    model = mm.conv_net()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    model.graph.node.insert(0, helper.make_node("Cast", ["images"], ["images_32"], to=TensorProto.FLOAT))
+    for node in model.graph.node[1:]:
+        node.input[:] = ["images_32" if i == "images" else i for i in node.input]
+    with pytest.raises(OnnxqError, match="FLOAT16; .*quantize its float32 export"):
+        quantize_with_report(model, IMAGES, num_images=2, bias_correction=0)
+
+
 def test_output_check_sees_types_but_not_the_input_models_own_faults():
     """A QuantizeLinear fed float16 passes onnx's plain checker and makes onnxruntime refuse the file: the
     type-aware check catches it. A fault the input model already had (a declared shape that inference
@@ -283,3 +293,17 @@ def test_the_image_is_quantized_on_the_pixel_grid_whatever_the_calibration_image
     quant = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "images")
     assert float(inits[quant.input[1]]) == np.float32(step) and int(inits[quant.input[2]]) == 0
     assert next(c for c in report.activations if c.tensor == "images").method == "pixel-range"
+
+
+def test_bias_correction_runs_the_batch_asked_for():
+    """An export with a dynamic batch axis whose Reshape hardcodes batch 1 runs only with --batch 1:
+    calibration used it, bias correction ran 8 at a time and crashed with a traceback."""
+    shape = numpy_helper.from_array(np.array([1, 8, 32, 32], np.int64), "one_batch")
+    model = mm.conv_net(extra_inits=[shape])
+    model.graph.node.insert(2, helper.make_node("Reshape", ["r1", "one_batch"], ["r1b"]))
+    for node in model.graph.node:  # the second conv reads the reshaped map
+        if node.op_type == "Conv" and node.input[0] == "r1":
+            node.input[0] = "r1b"
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    _, report = quantize_with_report(model, IMAGES, num_images=5, batch_size=1, bias_correction=5)
+    assert any(n.startswith("bias correction:") and n.endswith("over 5 images") for n in report.notes), report.notes

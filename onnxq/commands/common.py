@@ -1,6 +1,7 @@
 """Argument groups and printing shared by the subcommands."""
 
 import json
+import math
 import sys
 import warnings
 
@@ -56,8 +57,20 @@ def positive(name, value):
     return value
 
 
+def _finite(value):
+    """NaN and infinities as null: JSON has no such numbers (Python's NaN/Infinity break strict parsers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path, data):
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    text = json.dumps(_finite(data), indent=2, sort_keys=True, default=str, allow_nan=False)
+    write_text_atomic(path, text + "\n")
 
 
 def print_table(rows, headers, file=None):

@@ -1,7 +1,6 @@
 """onnxq quantize in.onnx out.onnx --calib images/ : the Q-YOLO pipeline."""
 
 import sys
-from pathlib import Path
 
 from ..choices import BITS, METHODS
 from ..errors import UsageError
@@ -84,8 +83,6 @@ def run(args):
     quiet_warnings(args.verbose)
     if not args.calib and not args.stats:
         raise UsageError("give calibration images (--calib DIR) or statistics (--stats FILE)")
-    if Path(args.output).resolve() == Path(args.model).resolve():
-        raise UsageError(f"{args.output}: output path is the input model; choose another path")
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
