@@ -327,9 +327,10 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
             q = act[x]
             lo, hi = (sigmoid((v - q.zero_point) * q.scale) for v in (q.qmin, q.qmax))
             choose(name, plan.activations[name], range_only(lo, hi, st.tensors[bounded[x]]), label="sigmoid-range")
-    report.activations.extend(choices[name] for name in sorted(choices))
-
-    _keep_starved_depthwise_float(prepared.graph, plan, act, st, report)
+    # a SiLU input's range is its output's grid, a Sigmoid's its input's: tensor -> the one it came from
+    ranged_from = {**bounded, **{s: bounded[x] for s, x in sigmoid_of.items()}}
+    _keep_starved_depthwise_float(prepared.graph, plan, act, st, report, ranged_from)
+    report.activations.extend(choices[name] for name in sorted(choices) if name in act)
     # ops that only move values run in int8 only if their output keeps the input's parameters
     for name, site in plan.activations.items():
         if site.share is not None and site.share in act:
@@ -434,9 +435,13 @@ def _starved(tensor, act, stats):
     return float(np.mean(chan < STARVED_LEVELS * act[tensor].scale))
 
 
-def _keep_starved_depthwise_float(graph, plan, act, stats, report):
+def _keep_starved_depthwise_float(graph, plan, act, stats, report, ranged_from):
     """Per-tensor scales starve the quiet channels of a depthwise conv's input (or, where the target
-    quantizes conv outputs, of its per-channel BN-scaled output): keep such a conv float."""
+    quantizes conv outputs, of its per-channel BN-scaled output): keep such a conv float.
+
+    A tensor whose range came from one that goes float (the SiLU input of a SiLU output no longer
+    quantized) goes float too: its range was never observed, and clipped to a grid no longer there it
+    starved the very channels this keeps (YOLOX-nano's stem with --quantize-first: -7 mAP50-95)."""
     for node_name, (x, y) in depthwise_tensors(graph).items():
         if node_name not in plan.weights:
             continue
@@ -458,6 +463,13 @@ def _keep_starved_depthwise_float(graph, plan, act, stats, report):
         if not site.consumers:
             del plan.activations[x]
             act.pop(x, None)
+    gone = True
+    while gone:
+        gone = [t for t, source in ranged_from.items() if t in act and source not in act]
+        for t in gone:
+            del act[t]
+            plan.activations.pop(t, None)
+            report.float_tensors[t] = f"its range came from {ranged_from[t]}, which stays float"
 
 
 def _bias_scale_floor(node, act, channels):

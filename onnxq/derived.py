@@ -27,6 +27,8 @@ def silu_bounded(graph, plan) -> dict:
         xs, ys = plan.activations.get(x), plan.activations.get(y)
         if xs is None or ys is None or xs.share is not None or ys.share is not None:
             continue
+        if ys.consumers is not None and not ys.consumers:
+            continue  # only float layers read the output (a head's output convs): no grid to take x's range from
         if xs.merge or xs.implicit or x in shared:
             continue  # its parameters serve other tensors too
         out[x] = y
