@@ -172,7 +172,9 @@ def _with_workers(fn):
 
         if isinstance(workers, Workers):
             return fn(model, calib, workers=workers, **options)
-        workers = min(int(workers), cores())  # a process more than the cores only adds its start-up
+        if int(workers) > cores():  # a process more than the cores only adds its start-up
+            warnings.warn(f"--workers {workers}: this process may use {cores()} core(s); running {cores()}")
+            workers = cores()
         if calib is None or options.get("stats") is not None or workers <= 1:
             return fn(model, calib, workers=workers, **options)
         with Workers(workers) as started:

@@ -114,7 +114,8 @@ class Stats:
     def load(cls, path) -> "Stats":
         path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
+            # our own handle: np.load leaves its file open when a truncated archive fails to open
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
                 header = json.loads(bytes(data["header"]).decode())
                 if header.get("format") != FORMAT_VERSION:
                     raise OnnxqError(f"{path}: statistics format {header.get('format')} is not {FORMAT_VERSION}")

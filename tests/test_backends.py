@@ -184,6 +184,14 @@ def test_build_ir_writes_xml_and_bin_that_compile(qdq_model, tmp_path, image_pat
     from_onnx = get_runner("openvino", qdq_model, threads=1)(feed)[0]
     np.testing.assert_allclose(from_ir, from_onnx, atol=1e-4)
     assert int8_convolution_fraction(xml)[0] > 0
+    named = build_ir(qdq_model, tmp_path / "named.xml")  # an .xml path names the file, not a folder
+    assert named == tmp_path / "named.xml" and named.is_file() and named.with_suffix(".bin").is_file()
+
+
+def test_a_folder_given_as_the_model_is_named_as_one(tmp_path, capsys):
+    for argv in (["build", str(tmp_path), "--backend", "ort"], ["bench", str(tmp_path)]):
+        assert main(argv) == 1
+        assert "is a directory" in capsys.readouterr().err
 
 
 # ---- TensorRT build ------------------------------------------------------------------------------

@@ -408,3 +408,22 @@ def test_workers_from_a_script_without_a_main_guard_fail_with_the_fix_not_a_hang
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "a calibration worker process stopped" in proc.stderr and "__name__ == '__main__'" in proc.stderr
+
+
+def test_more_workers_than_cores_are_capped_with_a_note():
+    from onnxq.api import quantize_with_report
+    from onnxq.workers import cores
+
+    with pytest.warns(UserWarning, match=f"--workers {cores() + 1}: .* running {cores()}"):
+        quantize_with_report(SMALL, CALIB_DIR / "images", workers=cores() + 1, num_images=2, bias_correction=0)
+
+
+def test_a_truncated_statistics_file_is_one_line(tmp_path):
+    """np.load left its file open when the archive failed to open: a ResourceWarning followed the error."""
+    stats = tmp_path / "s.npz"
+    code, _, stderr = cli("calibrate", SMALL, "--calib", CALIB_DIR / "images", "--num-images", 2, "-o", stats)
+    assert code == 0, stderr
+    stats.write_bytes(stats.read_bytes()[:3000])
+    code, _, stderr = cli("quantize", SMALL, tmp_path / "q.onnx", "--stats", stats)
+    assert code == 1 and "not an onnxq statistics file" in one_line_error(stderr), stderr
+    assert "unclosed" not in stderr, stderr

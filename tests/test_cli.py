@@ -189,6 +189,10 @@ def test_no_output_overwrites_an_input(tmp_path, argv):
     (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--resize", "crop"], 2, "letterbox-topleft"),
     (["quantize", "MODEL", "OUT.onnx", "--calib", "EMPTY"], 1, "no image"),
     (["eval", "MODEL", "--data", "EMPTY"], 1, "annotation"),
+    (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--bits", "W8A8", "--w-bits", "4"], 2, "not both"),
+    (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--bias-correction", "-1"], 2, "0 to turn it off"),
+    (["quantize", "MODEL", "OUT.onnx", "--calib", "IMAGES", "--percentile", "99"], 2, "--method percentile"),
+    (["compare", "MODEL", "MODEL", "--calib", "IMAGES"], 1, "quantized one second"),
 ])
 def test_errors_are_one_line_with_exit_codes(tmp_path, args, code, needle):
     empty = tmp_path / "empty"

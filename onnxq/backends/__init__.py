@@ -32,6 +32,8 @@ class Runner:
 def check_model_file(model_path, allow_ir=False) -> Path:
     """Fail with one line, naming the file, when it is missing or not an ONNX model."""
     path = Path(model_path)
+    if path.is_dir():
+        raise OnnxqError(f"{path}: is a directory, expected an .onnx file")
     if not path.is_file():
         raise OnnxqError(f"{path}: no such file")
     if allow_ir and path.suffix.lower() == ".xml":

@@ -13,7 +13,7 @@ def register(sub):
     p.add_argument("model", help="ONNX model (usually the quantized QDQ one)")
     p.add_argument("--backend", choices=BACKENDS, required=True)
     p.add_argument("-o", "--output", metavar="PATH",
-                   help="ort: optimized .onnx file; openvino: output folder; tensorrt: engine file "
+                   help="ort: optimized .onnx file; openvino: output folder or .xml file; tensorrt: engine file "
                         "(default: beside the model)")
     p.add_argument("--no-fp16", action="store_true", help="tensorrt: INT8 + FP32 only")
     p.add_argument("--workspace-gb", type=float, default=2.0, metavar="GB", help="tensorrt builder workspace (default 2)")

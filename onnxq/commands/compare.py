@@ -50,6 +50,9 @@ def run(args):
         Path(args.plots).mkdir(parents=True, exist_ok=True)
     prepared = prepare_model(args.float_model, imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input))
     quant = load_model(args.quant_model, check=False)
+    if not any(n.op_type == "DequantizeLinear" for n in quant.graph.node):
+        raise OnnxqError(f"{args.quant_model}: has no DequantizeLinear: give the float model first and the "
+                         f"quantized one second")
     explicit, source = preprocess_from_args(args, default=None)
     if explicit is None:
         stored = preprocess_from_metadata({p.key: p.value for p in quant.metadata_props})

@@ -27,13 +27,13 @@ def register(sub):
     q.add_argument("--method", choices=METHODS, default="uh",
                    help="activation ranges: uh (Q-YOLO, default), minmax, percentile, mse, entropy")
     q.add_argument("--bits", metavar="WxAy", help="shorthand for --w-bits/--a-bits, e.g. W4A4")
-    q.add_argument("--w-bits", type=int, choices=BITS, default=8)
-    q.add_argument("--a-bits", type=int, choices=BITS, default=8)
+    q.add_argument("--w-bits", type=int, choices=BITS, help="weight bits (default 8)")
+    q.add_argument("--a-bits", type=int, choices=BITS, help="activation bits (default 8)")
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
                      help="symmetric activations (int8, zero-point 0); forced by --target tensorrt")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric activations (uint8)")
-    q.add_argument("--percentile", type=float, default=99.99, help="for --method percentile (default 99.99)")
+    q.add_argument("--percentile", type=float, help="for --method percentile (default 99.99)")
     q.add_argument("--target", choices=sorted(TARGETS), default="ort",
                    help="Q/DQ placement for this runtime's integer kernels (default ort); qyolo is the "
                         "paper's placement (Conv inputs only, first and head convs float): the most accurate")
@@ -41,12 +41,12 @@ def register(sub):
     first.add_argument("--quantize-first", dest="keep_first", action="store_false", default=None,
                        help="quantize the first conv, which reads the image (default for --target openvino)")
     first.add_argument("--keep-first", dest="keep_first", action="store_true",
-                       help="keep the first conv float (Q-YOLO; default for ort and tensorrt)")
+                       help="keep the first conv float (Q-YOLO; default for ort, tensorrt and qyolo)")
     head = q.add_mutually_exclusive_group()
     head.add_argument("--quantize-head", dest="keep_head", action="store_false", default=None,
                       help="quantize the head's output convs (default for --target openvino)")
     head.add_argument("--keep-head", dest="keep_head", action="store_true",
-                      help="keep the head's output convs float (Q-YOLO; default for ort and tensorrt)")
+                      help="keep the head's output convs float (Q-YOLO; default for ort, tensorrt and qyolo)")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME|REGEX",
                    help="keep these nodes (or nodes writing these tensors) in float; repeatable")
     q.add_argument("--report", metavar="FILE.json", help="write every quantized tensor's range, scale, zero-point, "
@@ -64,16 +64,22 @@ def options_from_args(args):
     from ..model import parse_input_values
     from ..preprocess import imgsz_from_args, preprocess_from_args
 
-    w_bits, a_bits = parse_bits(args.bits) if args.bits else (args.w_bits, args.a_bits)
+    if args.bits and (args.w_bits or args.a_bits):
+        raise UsageError("give --bits, or --w-bits and --a-bits, not both")
+    w_bits, a_bits = parse_bits(args.bits) if args.bits else (args.w_bits or 8, args.a_bits or 8)
+    if args.bias_correction < 0:
+        raise UsageError(f"--bias-correction {args.bias_correction}: a number of images, 0 to turn it off")
+    if args.percentile is not None and args.method != "percentile":
+        raise UsageError(f"--percentile is for --method percentile (this run uses {args.method})")
     explicit_pp, _ = preprocess_from_args(args, default=None)
     return dict(method=args.method, w_bits=w_bits, a_bits=a_bits, symmetric=args.symmetric,
-                percentile=args.percentile, target=args.target, keep_first=args.keep_first,
+                percentile=99.99 if args.percentile is None else args.percentile, target=args.target, keep_first=args.keep_first,
                 keep_head=args.keep_head, exclude=args.exclude, preprocess=explicit_pp,
                 imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input),
                 num_images=positive("--num-images", args.num_images), seed=args.seed,
                 batch_size=positive("--batch", args.batch), workers=positive("--workers", args.workers),
                 threads=positive("--threads", args.threads), progress=not args.no_progress,
-                bias_correction=max(0, args.bias_correction))
+                bias_correction=args.bias_correction)
 
 
 def run(args):

@@ -21,18 +21,22 @@ REPORTED_LAYERS = CONV_LAYERS + ("MatMul", "FullyConnected")
 INTEGER_PRECISIONS = ("u8", "i8")
 
 
-def build_ir(model_path, out_dir) -> Path:
-    """Convert to IR <out_dir>/<stem>.xml + .bin (FP32 weights kept), compile it on CPU as a check."""
+def build_ir(model_path, out) -> Path:
+    """Convert to IR <out>/<stem>.xml + .bin, or <out> + .bin where out names an .xml file (FP32 weights
+    kept); compile it on CPU as a check."""
     check_model_file(model_path)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OnnxqError(f"{out_dir}: exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    if out.suffix.lower() == ".xml":
+        xml = check_writable(out)
+    else:
+        if out.exists() and not out.is_dir():
+            raise OnnxqError(f"{out}: exists and is not a directory")
+        out.mkdir(parents=True, exist_ok=True)
+        xml = check_writable(out / (Path(model_path).stem + ".xml"))
     try:
         model = ov.convert_model(str(model_path))
     except Exception as exc:
         raise OnnxqError(f"{model_path}: OpenVINO cannot convert it: {first_line(exc)}") from None
-    xml = check_writable(out_dir / (Path(model_path).stem + ".xml"))
     # Save both files under temporary names, then rename them: .bin first so a visible .xml
     # always has its weights. save_model derives the .bin name from the .xml name.
     with atomic_path(xml) as tmp_xml:
