@@ -327,3 +327,21 @@ def test_cli_eval_family_flag(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse choices: usage error
         main(["eval", str(YOLOV8), "--data", str(VAL_DIR), "--family", "bogus"])
     assert exc.value.code == 2
+
+
+def test_cli_eval_says_when_annotated_images_are_missing(tmp_path, capsys):
+    """A folder holding 3 of the 128 annotated images: the figures are over those 3, and it says so."""
+    import shutil
+
+    (tmp_path / "images").mkdir()
+    for path in sorted((VAL_DIR / "images").iterdir())[:3]:
+        shutil.copy(path, tmp_path / "images" / path.name)
+    shutil.copy(VAL_DIR / "instances.json", tmp_path / "instances.json")
+    out = tmp_path / "r.json"
+    assert main(["eval", str(YOLOV8), "--data", str(tmp_path), "--no-progress", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["images"] == 3 and r["missing_images"] == 125
+    assert "125 annotated images are not in the image folder" in capsys.readouterr().err
+    assert main(["eval", str(YOLOV8), "--data", str(VAL_DIR), "--num-images", "2", "--no-progress",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["missing_images"] == 0

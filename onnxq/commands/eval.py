@@ -1,5 +1,7 @@
 """onnxq eval model.onnx --data DIR : COCO mAP of a float or quantized model."""
 
+import sys
+
 from ..evaluate.families import FAMILIES
 from ..fileio import check_writable
 from .common import (
@@ -61,6 +63,9 @@ def run(args):
                 ["model", "runtime", "preprocessing", "from", "family", "images", "mAP50-95", "mAP50"])
     print(f"{r['detections']} detections in {r['seconds']:.1f} s"
           + (f"; {len(r['skipped'])} unreadable images skipped" if r["skipped"] else ""))
+    if r["missing_images"]:
+        print(f"note: {r['missing_images']} annotated images are not in the image folder: the figures are over "
+              f"the {r['images']} scored, not the whole set", file=sys.stderr)
     if args.json:
         write_json(args.json, r)
     return 0

@@ -48,14 +48,17 @@ def category_map(gt, num_classes, ann="instances.json") -> list:
     raise OnnxqError(f"{ann}: {len(ids)} categories, but the model predicts {num_classes} classes")
 
 
-def image_index(gt, images_dir, num_images=None) -> list:
-    """[(path, image_id), ...] of the annotated images present in images_dir, by id; matched by file_name."""
+def image_index(gt, images_dir, num_images=None) -> tuple:
+    """([(path, image_id), ...] of the annotated images present in images_dir, by id and matched by
+    file_name; the number of annotated images missing there, among those that would have been taken)."""
     images_dir = Path(images_dir)
     infos = sorted(gt.dataset["images"], key=lambda i: i["id"])
     found = [(images_dir / i["file_name"], i["id"]) for i in infos if (images_dir / i["file_name"]).is_file()]
     if not found:
         raise OnnxqError(f"{images_dir}: none of the {len(infos)} images of the annotation file is there")
-    return found[:num_images] if num_images else found
+    wanted = min(num_images, len(infos)) if num_images else len(infos)
+    taken = found[:num_images] if num_images else found
+    return taken, max(0, wanted - len(taken))
 
 
 def to_results(image_id, boxes_xyxy, scores, classes, cat_ids) -> list:

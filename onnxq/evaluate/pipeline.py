@@ -68,7 +68,7 @@ def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, famil
     gt = load_ground_truth(ann)
     cat_ids = category_map(gt, fam.num_classes, ann)
     images_dir = data_dir / "images" if (data_dir / "images").is_dir() else data_dir
-    index = image_index(gt, images_dir, num_images)
+    index, missing = image_index(gt, images_dir, num_images)
     ids = dict(index)
     runner = get_runner(runtime, model_path, threads=threads)
     skipped, dets, infer_s = [], [], 0.0
@@ -91,7 +91,8 @@ def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, famil
         write_text_atomic(save_dets, json.dumps(dets))
     return {"model": str(model_path), "runtime": runtime, "family": fam.name, "preprocess": pp.to_dict(),
             "preprocess_text": pp.describe(), "preprocess_source": source, "images": len(evaluated),
-            "n_images": len(evaluated), "skipped": [str(p) for p in skipped], "detections": len(dets),
+            "n_images": len(evaluated), "skipped": [str(p) for p in skipped], "missing_images": missing,
+            "detections": len(dets),
             "n_detections": len(dets), **figures, "seconds": round(time.perf_counter() - t0, 2),
             "inference_seconds": round(infer_s, 2),
             "settings": {"conf": conf, "iou": iou, "max_det": max_det, "max_candidates": MAX_CANDIDATES,
