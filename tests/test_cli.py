@@ -138,6 +138,25 @@ def test_eval_on_a_few_images_writes_json(tmp_path):
     assert 10 < r["map50_95"] < 80
 
 
+def test_compare_ranks_silu_inputs_apart(tmp_path):
+    """The ort target clips a conv output where its SiLU's quantized output cannot change: its own SQNR is
+    low on purpose, and ranking it among the worst sent users after the wrong layers."""
+    from onnxq.compare import silu_inputs_of
+
+    model = MODELS_DIR / "yolov5n_v6.1_640.onnx"
+    assert len(silu_inputs_of(onnx.load(str(model)))) == 57
+    q = tmp_path / "q.onnx"
+    assert main(["quantize", str(model), str(q), "--calib", str(CALIB_DIR / "images"), "--num-images", "2",
+                 "--no-progress", "--bias-correction", "0"]) == 0
+    code, stdout, stderr = run_cli("compare", model, q, "--calib", VAL_DIR / "images", "--num-images", 1,
+                                   "--json", tmp_path / "c.json", "--no-progress")
+    assert code == 0, stderr
+    rows = json.loads((tmp_path / "c.json").read_text())
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("silu input") == 55 and "SiLU inputs not ranked" in stdout
+    assert kinds == sorted(kinds, key=["activation", "silu input", "output"].index)
+
+
 def test_compare_model_against_itself(tmp_path):
     q = tmp_path / "q.onnx"
     assert main(["quantize", str(SMALL), str(q), "--calib", str(CALIB_DIR / "images"), "--num-images", "2",

@@ -644,3 +644,16 @@ def test_a_zero_bound_is_the_same_in_any_merge_order():
         one.update(neg)
         one.update(pos)
         assert math.copysign(1.0, one.mn) == 1.0
+
+
+def test_error_sums_equal_float64_numpy():
+    from onnxq.kernels.agreement import error_sums
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(0, 3, (2, 8, 16, 16)).astype(np.float32)
+    test = (ref + rng.normal(0, 0.1, ref.shape)).astype(np.float32)
+    r, t = ref.astype(np.float64).ravel(), test.astype(np.float64).ravel()
+    want = (r @ r, (r - t) @ (r - t), r @ t, t @ t)
+    np.testing.assert_allclose(error_sums(ref, test), want, rtol=1e-12)
+    with pytest.raises(ValueError):
+        error_sums(ref, test[:1])

@@ -18,6 +18,7 @@ def register(sub):
     p.add_argument("--top", type=int, default=15, metavar="K", help="rows of the worst tensors to print (default 15)")
     p.add_argument("--plots", metavar="DIR", help="PNG histograms of the worst tensors with clip and grid (matplotlib)")
     p.add_argument("--json", metavar="PATH", help="write every row as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_preprocess_arguments(p)
     add_model_input_arguments(p)
     add_verbose(p)
@@ -38,6 +39,7 @@ def run(args):
     from ..images import iter_batches, list_images
     from ..model import load_model, parse_input_values
     from ..preprocess import imgsz_from_args, preprocess_from_args, preprocess_from_metadata
+    from tqdm import tqdm
 
     quiet_warnings(args.verbose)
     if args.num_images is not None and args.num_images <= 0:
@@ -61,14 +63,21 @@ def run(args):
         pp = explicit
     paths = list_images(args.calib, num_images=args.num_images)
     batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=1))
-    rows, _ = compare_models(prepared.model, quant, batches, prepared.inputs.image, prepared.inputs.extras)
+    with tqdm(total=len(paths), desc="comparing", unit="img", disable=args.no_progress, leave=False) as bar:
+        rows, _ = compare_models(prepared.model, quant, batches, prepared.inputs.image, prepared.inputs.extras,
+                                 tick=bar.update)
     acts = [r for r in rows if r.kind == "activation"]
+    silu_inputs = [r for r in rows if r.kind == "silu input"]
     if not acts:
         raise OnnxqError(f"{args.quant_model}: no Q/DQ tensor matches a tensor of {args.float_model}")
-    print(f"onnxq compare: {len(acts)} quantized tensors, {len(paths)} images, preprocessing {pp.describe()} ({source})")
+    print(f"onnxq compare: {len(acts) + len(silu_inputs)} quantized tensors, {len(paths)} images, preprocessing "
+          f"{pp.describe()} ({source})")
     print_table([[r.tensor, _fmt(r.sqnr_db), f"{r.cosine:.5f}", _fmt(r.local_sqnr_db), f"{r.scale:.4g}", r.zero_point]
                  for r in acts[: args.top]],
                 ["tensor (worst first)", "SQNR dB", "cosine", "own SQNR dB", "scale", "zero-point"])
+    if silu_inputs:
+        print(f"({len(silu_inputs)} SiLU inputs not ranked: each is clipped where its SiLU's quantized output cannot "
+              f"change, so its SiLU output's row says what it costs; all rows are in --json)")
     print()
     print_table([[r.tensor, _fmt(r.sqnr_db), f"{r.cosine:.5f}"] for r in rows if r.kind == "output"],
                 ["output", "SQNR dB", "cosine"])
