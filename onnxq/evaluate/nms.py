@@ -1,4 +1,4 @@
-"""Class-aware greedy non-maximum suppression, vectorised over the remaining boxes."""
+"""Class-aware greedy non-maximum suppression (the loop is a Numba kernel: kernels.suppress)."""
 
 import numpy as np
 
@@ -25,24 +25,15 @@ def box_iou(box, boxes):
 
 
 def nms(boxes, scores, classes, iou=IOU_THRESHOLD, max_det=MAX_DETECTIONS, max_candidates=MAX_CANDIDATES):
-    """Indices kept, best score first. Boxes of different classes never suppress each other.
+    """Indices kept, best score first. Boxes of different classes never suppress each other."""
+    from ..kernels.suppress import greedy_keep
 
-    Each class is shifted into its own region of the plane (by more than the spread of all
-    the boxes), so one greedy pass over every class suppresses only within a class.
-    """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).ravel()
-    classes = np.asarray(classes).ravel()
+    classes = np.asarray(classes).ravel().astype(np.int64)
     if scores.size == 0 or max_det <= 0:
         return np.zeros(0, dtype=np.int64)
     order = np.argsort(-scores, kind="stable")[:max_candidates]
-    finite = boxes[np.isfinite(boxes)]
-    span = (finite.max() - finite.min() + 1.0) if finite.size else 1.0
-    shifted = boxes + (classes.astype(np.float64) * span)[:, None]
-    keep = []
-    while order.size and len(keep) < max_det:
-        i = order[0]
-        keep.append(i)
-        rest = order[1:]
-        order = rest[~(box_iou(shifted[i], shifted[rest]) > iou)]
-    return np.asarray(keep, dtype=np.int64)
+    kept = greedy_keep(np.ascontiguousarray(boxes[order]), np.ascontiguousarray(classes[order]), float(iou),
+                       int(max_det))
+    return order[kept].astype(np.int64)

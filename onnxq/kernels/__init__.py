@@ -5,6 +5,7 @@ search: qparams, quant_mse and the clipping-range searches (uh, mse,
 percentile, entropy, minmax) plus per-channel weight absmax.
 channels: per-channel sums of a tensor and of its quantized copy.
 agreement: the sums behind SQNR and cosine of a tensor against its reference.
+suppress: greedy class-aware non-maximum suppression.
 """
 
 import threading
