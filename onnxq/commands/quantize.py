@@ -114,9 +114,14 @@ def print_summary(report, output):
         by_method.setdefault(c.method, []).append(c)
     rows = []
     for method, choices in sorted(by_method.items()):
+        if all(c.mse != c.mse for c in choices):
+            # ranges derived, not searched (silu-range, sigmoid-range, pixel-range): no histogram to measure on
+            rows.append([f"activations ({method})", len(choices), "-", "-", "-"])
+            continue
         clipped = [c for c in choices if c.clip_ratio < 0.999]
         rows.append([f"activations ({method})", len(choices), len(clipped),
-                     f"{min(c.clip_ratio for c in choices):.3f}", f"{max(c.mse for c in choices):.2e}"])
+                     f"{min(c.clip_ratio for c in choices):.3f}",
+                     f"{max(c.mse for c in choices if c.mse == c.mse):.2e}"])
     rows.append(["weights (minmax, per channel)", len(report.weights), "-", "-", "-"])
     rows.append(["float compute ops", len(report.float_nodes), "-", "-", "-"])
     rows.append(["decode-tail ops (float)", report.tail_nodes, "-", "-", "-"])
