@@ -100,25 +100,6 @@ class _Accumulator:
         return self.dot / np.sqrt(self.sig * self.nb)
 
 
-def silu_inputs_of(model: onnx.ModelProto) -> dict:
-    """{x: SiLU(x)} for tensors read only by a SiLU (x * Sigmoid(x)). Where the SiLU output is quantized,
-    x's range is clipped on purpose where SiLU's quantized output cannot change: x's own error says
-    little, its SiLU output's says what it costs."""
-    readers = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    out = {}
-    for n in model.graph.node:
-        if n.op_type != "Sigmoid":
-            continue
-        x, s = n.input[0], n.output[0]
-        muls = [m for m in readers.get(s, []) if m.op_type == "Mul" and sorted(m.input) == sorted([x, s])]
-        if len(muls) == 1 and len(readers.get(x, [])) == 2 and len(readers.get(s, [])) == 1:
-            out[x] = muls[0].output[0]
-    return out
-
-
 def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches, image_input, extras=None,
                    keep_values_for=(), tick=None):
     """Errors per quantized tensor and per output over `batches` (arrays N,3,H,W); tick(n) after each.
@@ -127,6 +108,8 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
     A SiLU input whose SiLU output is compared too is of kind "silu input", after the activations.
     """
     from .calibrate import make_session, model_with_outputs
+    from .passes.graph import to_graph
+    from .passes.select import silu_inputs
 
     pairs = _qdq_pairs(quant_model)
     float_tensors = {vi.name for vi in float_model.graph.value_info} | {n for node in float_model.graph.node for n in node.output}
@@ -154,7 +137,9 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
             acc[o].add(f_vals[o], q_vals[o])
         if tick is not None:
             tick(len(batch))
-    clipped_for_silu = {x for x, y in silu_inputs_of(float_model).items() if x in pairs and y in pairs}
+    # where a SiLU output is quantized, its input is clipped on purpose where the SiLU's quantized output
+    # cannot change: the input's own error says little, the output's row says what it costs
+    clipped_for_silu = {x for x, y in silu_inputs(to_graph(float_model)).items() if x in pairs and y in pairs}
     rows = [TensorError(t, "silu input" if t in clipped_for_silu else "activation", acc[t].sqnr(), acc[t].cosine(),
                         local[t].sqnr(), pairs[t][1], pairs[t][2]) for t in compared]
     rows.sort(key=lambda r: (r.kind != "activation", r.sqnr_db))

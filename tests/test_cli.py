@@ -141,10 +141,7 @@ def test_eval_on_a_few_images_writes_json(tmp_path):
 def test_compare_ranks_silu_inputs_apart(tmp_path):
     """The ort target clips a conv output where its SiLU's quantized output cannot change: its own SQNR is
     low on purpose, and ranking it among the worst sent users after the wrong layers."""
-    from onnxq.compare import silu_inputs_of
-
     model = MODELS_DIR / "yolov5n_v6.1_640.onnx"
-    assert len(silu_inputs_of(onnx.load(str(model)))) == 57
     q = tmp_path / "q.onnx"
     assert main(["quantize", str(model), str(q), "--calib", str(CALIB_DIR / "images"), "--num-images", "2",
                  "--no-progress", "--bias-correction", "0"]) == 0

@@ -72,9 +72,10 @@ def options_from_args(args):
     if args.percentile is not None and args.method != "percentile":
         raise UsageError(f"--percentile is for --method percentile (this run uses {args.method})")
     explicit_pp, _ = preprocess_from_args(args, default=None)
+    percentile = 99.99 if args.percentile is None else args.percentile
     return dict(method=args.method, w_bits=w_bits, a_bits=a_bits, symmetric=args.symmetric,
-                percentile=99.99 if args.percentile is None else args.percentile, target=args.target, keep_first=args.keep_first,
-                keep_head=args.keep_head, exclude=args.exclude, preprocess=explicit_pp,
+                percentile=percentile, target=args.target, keep_first=args.keep_first, keep_head=args.keep_head,
+                exclude=args.exclude, preprocess=explicit_pp,
                 imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input),
                 num_images=positive("--num-images", args.num_images), seed=args.seed,
                 batch_size=positive("--batch", args.batch), workers=positive("--workers", args.workers),

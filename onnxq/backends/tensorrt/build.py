@@ -57,10 +57,9 @@ def input_profile(model_path, imgsz=None, max_batch=1) -> dict:
 def trtexec_command(model_path, out_path, profile=None) -> str:
     """The trtexec line doing the same build (TensorRT 8.x-10.x flags; 11.x drops --int8/--fp16)."""
     shapes = ""
-    for flag, k in (("minShapes", 0), ("optShapes", 1), ("maxShapes", 2)):
-        if profile:
-            text = ",".join(f"{name}:{'x'.join(map(str, dims[k]))}" for name, dims in profile.items())
-            shapes += f" --{flag}={shlex.quote(text)}"
+    for flag, k in (("minShapes", 0), ("optShapes", 1), ("maxShapes", 2)) if profile else ():
+        text = ",".join(f"{name}:{'x'.join(map(str, dims[k]))}" for name, dims in profile.items())
+        shapes += f" --{flag}={shlex.quote(text)}"
     return (f"trtexec --onnx={shlex.quote(str(model_path))} --int8 --fp16{shapes} "
             f"--saveEngine={shlex.quote(str(out_path))}")
 
