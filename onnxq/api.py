@@ -350,7 +350,11 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         weights[node_name] = wq
         report.weights.append({"node": node_name, "weight": site.weight, "axis": site.axis,
                                "channels": int(wq.scale.size), "scale_min": float(wq.scale.min()),
-                               "scale_max": float(wq.scale.max())})
+                               "scale_max": float(wq.scale.max()), "raised_channels": wq.raised})
+    raised = [wq.raised for wq in weights.values() if wq.raised]
+    if raised:
+        notes.append(f"{sum(raised)} output channel(s) of {len(raised)} layer(s) hold near-zero weights beside a "
+                     f"bias: their weight scale is raised so that the int32 bias holds it")
     # a quantized weight needs its input quantized too (and the reverse) for an integer kernel
     for node_name in list(weights):
         x = nodes[node_name].inputs[0]

@@ -200,14 +200,14 @@ def weight_params(name, w: np.ndarray, axis: int, bits: int, min_scale=None) -> 
         fill = float(np.median(scale[~zero])) if (~zero).any() else 1.0
         scale = np.where(zero, fill, scale)
         warnings.warn(f"weight {name}: {int(zero.sum())} all-zero output channel(s); scale set to {fill:.3g}")
+    raised = 0
     if min_scale is not None:
-        raised = scale < min_scale
-        if raised.any():
-            scale = np.maximum(scale, min_scale)
-            warnings.warn(f"weight {name}: {int(raised.sum())} output channel(s) with near-zero weights and a "
-                          f"large bias; their scale is raised so that the int32 bias holds it")
+        # near-zero (dead) channels beside a bias: common in BatchNorm-folded models (NanoDet has dozens), so
+        # counted for the report rather than warned about one layer at a time
+        raised = int(np.count_nonzero(scale < min_scale))
+        scale = np.maximum(scale, min_scale)
     scale = scale.astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(np.round(w / scale.reshape(shape).astype(np.float64)), -qmax, qmax).astype(np.int8)
-    return WeightQuant(q=q, scale=scale)
+    return WeightQuant(q=q, scale=scale, raised=raised)

@@ -238,8 +238,9 @@ def test_a_dead_channels_bias_survives_int32(target):
     before, the bias was clipped to 2^31 - 1 steps, 1e-4 instead of 0.5, without a word. tensorrt keeps the
     bias float, and onnxruntime quantizes it itself when it runs that model: the same floor applies."""
     model = _with_dead_channel()
-    with pytest.warns(UserWarning, match="1 output channel.*bias"):
-        q, _ = quantize_with_report(model, IMAGES, target=target, num_images=4, bias_correction=0)
+    q, report = quantize_with_report(model, IMAGES, target=target, num_images=4, bias_correction=0)
+    assert any(n.startswith("1 output channel(s) of 1 layer(s) hold near-zero weights") for n in report.notes)
+    assert [w["raised_channels"] for w in report.weights if w["weight"] == "w2"] == [1]
     inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
     conv = next(n for n in q.graph.node if n.op_type == "Conv" and n.output[0] == "c2")
     w_dq = next(n for n in q.graph.node if n.output[0] == conv.input[1])

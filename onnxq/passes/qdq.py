@@ -30,6 +30,7 @@ class QParams:
 class WeightQuant:
     q: np.ndarray  # int8, same shape as the float weight
     scale: np.ndarray  # float32 per output channel
+    raised: int = 0  # channels whose scale was raised so that their int32 bias fits (ranges.bias_scale_floor)
 
 
 def _scalar(name, value, dtype):
