@@ -297,7 +297,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
             return
         if choice.nonfinite:
             warnings.warn(f"activation {name}: {choice.nonfinite} NaN/Inf values ignored in its range")
-        choices[name] = replace(choice, method=label) if label else choice
+        # a derived range (label) was never measured against a histogram: no clipped share to report
+        choices[name] = replace(choice, method=label, clipped_fraction=float("nan")) if label else choice
         act[name] = choice.params
 
     def choose(name, site, seen=None, label=None):

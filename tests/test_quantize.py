@@ -125,6 +125,7 @@ def test_ort_target_runs_every_quantized_conv_as_an_integer_kernel(tmp_path):
     first, y = by_name["model.1.conv"], by_name["model.1.act.silu"]
     assert (first.clip[0], first.clip[1]) == silu_input_range(y.params, y.observed[1])
     assert -4 < first.clip[0] < -1.2784 and first.clip[1] <= y.observed[1] + 0.28
+    assert np.isnan(first.clipped_fraction) and np.isnan(first.mse)  # derived: nothing measured, not "0 clipped"
     sig = by_name["model.1.act.sigmoid"]
     q = first.params
     assert sig.method == "sigmoid-range"
