@@ -33,9 +33,10 @@ def build_parser():
     return parser
 
 
-# argparse destinations that name files a command reads, and files it writes
-_INPUTS = ("model", "models", "float_model", "quant_model", "stats")
-_OUTPUTS = ("output", "json", "report")
+# argparse destinations that name files a command reads, folders it reads, and files it writes
+_INPUTS = ("model", "models", "float_model", "quant_model", "stats", "ann")
+_INPUT_FOLDERS = ("calib", "data")
+_OUTPUTS = ("output", "json", "report", "save_dets")
 
 
 def _same_path(a, b) -> bool:
@@ -52,11 +53,16 @@ def refuse_overwriting_inputs(args):
     for dest in _INPUTS:
         value = getattr(args, dest, None)
         inputs.extend(value if isinstance(value, list) else [value] if value else [])
-    outputs = [(dest, getattr(args, dest, None)) for dest in _OUTPUTS if getattr(args, dest, None)]
+    folders = [os.path.realpath(getattr(args, d)) for d in _INPUT_FOLDERS if getattr(args, d, None)]
+    outputs = [(dest, getattr(args, dest, None)) for dest in _OUTPUTS if getattr(args, dest, None) not in (None, "-")]
     for i, (dest, out) in enumerate(outputs):
         for path in inputs:
             if _same_path(out, path):
                 raise UsageError(f"{out}: output path is the input {path}; choose another path")
+        where = os.path.realpath(out)
+        for folder in folders:  # eval's DIR/instances.json, a calibration image
+            if os.path.isfile(out) and where.startswith(folder.rstrip(os.sep) + os.sep):
+                raise UsageError(f"{out}: output path is a file of the input folder {folder}; choose another path")
         for other, out2 in outputs[i + 1:]:
             if _same_path(out, out2):
                 raise UsageError(f"{out}: given as the {dest} and the {other} output; choose two paths")

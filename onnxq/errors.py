@@ -17,7 +17,8 @@ class UsageError(OnnxqError):
 
 # a C++ runtime's message opens with where it was thrown ("Exception from src/...cpp:84:", "Check 'x' failed
 # at src/...cpp:38:", "FrontEnd API failed with GeneralFailure:"): no cause in those lines
-_WHERE = re.compile(r"(\S+\.(cpp|cc|hpp|h):\d+:?$)|(^FrontEnd API failed with \w+:?$)")
+_WHERE = re.compile(r"(^Exception from \S+:\d+:?$)|( failed at \S+\.(cpp|cc|hpp|h):\d+:?$)"
+                    r"|(^FrontEnd API failed with \w+:?$)")
 
 
 def first_line(exc, default=None) -> str:

@@ -5,16 +5,34 @@ and never leaves the temporary behind.
 """
 
 import contextlib
+import json
+import math
 import os
+import stat
+import sys
 import tempfile
 from pathlib import Path
 
 from .errors import OnnxqError
 
 
+def _is_special(path) -> bool:
+    """An existing file that is not a regular one (a device, a FIFO, /dev/stdout): written in place, since
+    renaming a temporary onto it would replace the device node itself."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
 def check_writable(path):
     """Fail early, before any long work, if `path` cannot be written."""
     path = Path(path)
+    if _is_special(path):
+        if not os.access(path, os.W_OK):
+            raise OnnxqError(f"{path}: not writable")
+        return path
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OnnxqError(f"{path}: output directory {parent} does not exist")
@@ -42,6 +60,9 @@ def _temporary_beside(path: Path, suffix: str) -> str:
 def atomic_path(path):
     """Yield a temporary path in the target's directory; rename it onto `path` on success."""
     path = check_writable(path)
+    if _is_special(path):
+        yield path
+        return
     tmp = _temporary_beside(path, ".tmp")
     try:
         yield Path(tmp)
@@ -74,3 +95,26 @@ def write_bytes_atomic(path, data: bytes):
 
 def write_text_atomic(path, text: str):
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _finite(value):
+    """NaN and infinities as null (JSON has no such numbers: strict parsers refuse Python's NaN/Infinity);
+    numpy scalars as plain numbers."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()  # (numpy is not imported here: the CLI builds its parser without it)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(path, data, indent=None):
+    """JSON written atomically, NaN/Infinity as null; "-" writes to standard output."""
+    text = json.dumps(_finite(data), indent=indent, sort_keys=indent is not None, default=str, allow_nan=False)
+    if str(path) == "-":
+        sys.stdout.write(text + "\n")
+        return
+    write_text_atomic(path, text + "\n")

@@ -245,7 +245,7 @@ def dynamic_qdq(tmp_path_factory):
     return save_model(q, tmp_path_factory.mktemp("dyn") / "dyn_trt.onnx")
 
 
-def test_input_profile_gives_dynamic_inputs_their_build_shapes(dynamic_qdq, qdq_model):
+def test_input_profile_gives_dynamic_inputs_their_build_shapes(dynamic_qdq, qdq_model, tmp_path):
     """TensorRT builds a model with dynamic inputs only with an optimization profile: batch 1 to
     --max-batch, the height and width of --imgsz. The shapes are read from the file, so what is missing is
     said before TensorRT is needed."""
@@ -256,6 +256,14 @@ def test_input_profile_gives_dynamic_inputs_their_build_shapes(dynamic_qdq, qdq_
         input_profile(dynamic_qdq)
     with pytest.raises(UsageError, match="fixed batch"):
         input_profile(qdq_model, max_batch=4)
+    with pytest.raises(UsageError, match="fixed size 352x352"):
+        input_profile(qdq_model, (320, 320))  # a fixed-size model is built at its size, not --imgsz's
+    assert input_profile(qdq_model, (352, 352)) == {}
+    side = onnx.load(str(dynamic_qdq))
+    side.graph.input.append(onnx.helper.make_tensor_value_info("anchors", onnx.TensorProto.FLOAT, ["n"]))
+    onnx.save(side, str(tmp_path / "side.onnx"))
+    with pytest.raises(OnnxqError, match="anchors has a dynamic dimension 0"):  # a length, not a batch
+        input_profile(tmp_path / "side.onnx", (64, 96))
     line = trtexec_command("q.onnx", "q.engine", input_profile(dynamic_qdq, (64, 96), max_batch=8))
     assert "--minShapes=images:1x3x64x96 --optShapes=images:8x3x64x96 --maxShapes=images:8x3x64x96" in line
 

@@ -349,6 +349,9 @@ def test_first_line_skips_where_a_cpp_error_was_thrown():
                                                  "-- Conv-13 with a message: The input data tensor's rank has to "
                                                  "be known (static)")
     assert first_line(RuntimeError("Exception from src/core.cpp:84:")) == "Exception from src/core.cpp:84:"
+    # a Python error naming a header file is not a C++ throw site
+    assert first_line(ValueError("cannot parse /data/cfg/camera.h:12\n(see the log)")) == \
+        "cannot parse /data/cfg/camera.h:12"
 
 
 # ---- determinism ---------------------------------------------------------------------------

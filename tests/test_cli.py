@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -177,21 +178,41 @@ def test_compare_model_against_itself(tmp_path):
     ["quantize", "COPY", "OUT.onnx", "--calib", "IMAGES", "--report", "COPY"],
     ["quantize", "COPY", "OUT.onnx", "--calib", "IMAGES", "--report", "OUT.onnx"],
     ["compare", "COPY", "OTHER", "--calib", "IMAGES", "--json", "OTHER"],
+    ["eval", "COPY", "--data", "DATA", "--save-dets", "COPY"],
+    ["eval", "COPY", "--data", "DATA", "--json", "DATA/instances.json"],
+    ["eval", "COPY", "--data", "DATA", "--json", "OUT.onnx", "--save-dets", "OUT.onnx"],
 ])
 def test_no_output_overwrites_an_input(tmp_path, argv):
-    """Each of these replaced the model (or the quantized output with the report) and exited 0."""
+    """Each of these replaced the model, the annotations (or one output with another) and exited 0."""
     import shutil
 
-    copy, other = tmp_path / "m.onnx", tmp_path / "other.onnx"
+    copy, other, data = tmp_path / "m.onnx", tmp_path / "other.onnx", tmp_path / "data"
     shutil.copy(SMALL, copy)
     shutil.copy(SMALL, other)
-    before = copy.read_bytes()
+    (data / "images").mkdir(parents=True)
+    shutil.copy(VAL_DIR / "instances.json", data / "instances.json")
+    before, annotations = copy.read_bytes(), (data / "instances.json").read_bytes()
     subst = {"COPY": str(copy), "OTHER": str(other), "OUT.onnx": str(tmp_path / "out.onnx"),
-             "IMAGES": str(CALIB_DIR / "images"), "VAL": str(VAL_DIR)}
+             "IMAGES": str(CALIB_DIR / "images"), "VAL": str(VAL_DIR), "DATA": str(data),
+             "DATA/instances.json": str(data / "instances.json")}
     code, _, stderr = run_cli(*[subst.get(a, a) for a in argv])
     assert code == 2 and "choose" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert copy.read_bytes() == before and other.read_bytes() == before
+    assert (data / "instances.json").read_bytes() == annotations
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_json_to_standard_output_or_a_device(tmp_path):
+    """`--json -` prints it; a device is written in place: renaming a temporary onto /dev/stdout (or
+    /dev/null) as root replaced the device node with a file."""
+    import os
+    import stat
+
+    code, stdout, stderr = run_cli("inspect", SMALL, "--json", "-")
+    assert code == 0 and json.loads(stdout[stdout.index("{"):])["inputs"], stderr
+    code, _, stderr = run_cli("inspect", SMALL, "--json", "/dev/null")
+    assert code == 0 and stat.S_ISCHR(os.stat("/dev/null").st_mode), stderr
+    assert not (Path.cwd() / "-").exists()
 
 
 @pytest.mark.parametrize("args,code,needle", [
@@ -255,13 +276,17 @@ def test_keep_and_quantize_first_are_exclusive(capsys):
 def test_json_outputs_hold_no_nan_or_infinity(tmp_path):
     """A report's MSE of a range-only tensor is NaN and a compare row's SQNR of an exact tensor is infinite:
     written as null, since strict JSON parsers (JavaScript's, jq's) refuse NaN and Infinity."""
+    import numpy as np
+
     from onnxq.commands.common import write_json
 
     path = tmp_path / "r.json"
-    write_json(path, {"mse": float("nan"), "rows": [{"sqnr_db": float("inf")}, (1.5, -float("inf"))]})
+    write_json(path, {"mse": float("nan"), "rows": [{"sqnr_db": float("inf")}, (1.5, -float("inf"))],
+                      "np": [np.float32("nan"), np.int64(3)]})
 
     def refuse(name):
         raise ValueError(name)
 
     assert json.loads(path.read_text(), parse_constant=refuse) == {"mse": None, "rows": [{"sqnr_db": None},
-                                                                                         [1.5, None]]}
+                                                                                         [1.5, None]],
+                                                                   "np": [None, 3]}

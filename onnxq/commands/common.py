@@ -1,12 +1,10 @@
 """Argument groups and printing shared by the subcommands."""
 
-import json
-import math
 import sys
 import warnings
 
+from .. import fileio
 from ..errors import UsageError
-from ..fileio import write_text_atomic
 
 
 def add_verbose(parser):
@@ -57,20 +55,8 @@ def positive(name, value):
     return value
 
 
-def _finite(value):
-    """NaN and infinities as null: JSON has no such numbers (Python's NaN/Infinity break strict parsers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def write_json(path, data):
-    text = json.dumps(_finite(data), indent=2, sort_keys=True, default=str, allow_nan=False)
-    write_text_atomic(path, text + "\n")
+    fileio.write_json(path, data, indent=2)
 
 
 def print_table(rows, headers, file=None):

@@ -1,6 +1,5 @@
 """Run a detector over a COCO folder and score it: the glue behind `onnxq eval` and the benchmarks."""
 
-import json
 import time
 from pathlib import Path
 
@@ -87,8 +86,8 @@ def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, famil
     evaluated = [i for p, i in index if p not in skipped_set]
     figures = score(gt, dets, evaluated)
     if save_dets:
-        from ..fileio import write_text_atomic
-        write_text_atomic(save_dets, json.dumps(dets))
+        from ..fileio import write_json
+        write_json(save_dets, dets)
     return {"model": str(model_path), "runtime": runtime, "family": fam.name, "preprocess": pp.to_dict(),
             "preprocess_text": pp.describe(), "preprocess_source": source, "images": len(evaluated),
             "n_images": len(evaluated), "skipped": [str(p) for p in skipped], "missing_images": missing,

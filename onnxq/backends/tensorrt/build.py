@@ -32,13 +32,16 @@ def input_profile(model_path, imgsz=None, max_batch=1) -> dict:
             continue
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1
                 for d in vi.type.tensor_type.shape.dim]
+        if imgsz is not None and len(dims) == 4 and -1 not in dims[2:] and tuple(dims[2:]) != tuple(imgsz):
+            raise UsageError(f"--imgsz {imgsz[0]},{imgsz[1]}: {model_path} input {vi.name} has a fixed size "
+                             f"{dims[2]}x{dims[3]}")
         if -1 not in dims:
             continue
         lo, hi = list(dims), list(dims)
         for axis, d in enumerate(dims):
             if d != -1:
                 continue
-            if axis == 0:
+            if axis == 0 and len(dims) >= 2:  # a batch axis; a 1-D input's only axis is its length
                 lo[0], hi[0], batch_dynamic = 1, max_batch, True
             elif len(dims) == 4 and axis >= 2:
                 if imgsz is None:
