@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxqError
+from .kernels.agreement import error_sums
 
 
 @dataclass
@@ -77,8 +78,6 @@ class _Accumulator:
         self.sig = self.noise = self.dot = self.nb = 0.0
 
     def add(self, ref, test):
-        from .kernels.agreement import error_sums
-
         sig, noise, dot, nb = error_sums(ref, test)
         self.sig += sig
         self.noise += noise

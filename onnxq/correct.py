@@ -18,8 +18,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .calibrate import _feed, make_session, model_with_outputs, run_concurrently, split_threads
-from .workers import cores
 from .kernels.channels import channel_sums
+from .workers import cores
 
 
 def measure_input_means(quant_model, tensors, inputs, batches, threads=None):

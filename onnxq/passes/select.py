@@ -319,9 +319,9 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
     With equal scales the runtime concatenates the int8 values as they are, and TensorRT can drop the
     Concat. The parameters come from the statistics of the whole group merged (tensors already tied by
     `share`, a Split and its pieces say, join it); a group of the image's values alone (a Focus
-    stem's Slices and Concat) keeps the image's exact ones. output_on_input_grid: the Concat output gets no Q/DQ of its own (its values are on the
-    inputs' grid already); OpenVINO requantizes every input of a Concat that has one (a u8 -> f32 -> u8
-    subgraph per input, measured on YOLOv8n: 1.2 ms).
+    stem's Slices and Concat) keeps the image's exact ones. output_on_input_grid: the Concat output gets
+    no Q/DQ of its own (its values are on the inputs' grid already); OpenVINO requantizes every input of
+    a Concat that has one (a u8 -> f32 -> u8 subgraph per input, measured on YOLOv8n: 1.2 ms).
     """
     parent = {}
     tensors = graph.tensors()
@@ -368,8 +368,8 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
         if len(members) < 2:
             continue
         image = [m for m in members if m in graph_inputs]
-        if image and not all((_pass_through_sources(tensors[m], graph_inputs) or {None}) <= set(image)
-                             for m in members):
+        sources = [_pass_through_sources(tensors[m], graph_inputs) for m in members]
+        if not all(s is not None and s <= set(image) for s in sources):
             image = []  # the image joins feature maps: the group takes the range of all their values
         observed = [m for m in members if plan.activations[m].share is None]
         # the outermost Concat of the group holds every value of its inputs: its site leads
