@@ -18,6 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
+from .choices import OVERFLOW_FIXES
 from .derived import (derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived, silu_bounded,
                       union_sources, value_unions)
 from .errors import OnnxqError, UsageError, first_line
@@ -30,7 +31,7 @@ from .passes.qdq import insert_qdq
 from .passes.select import plan_quantization
 from .preprocess import PRESETS, Preprocess, as_preprocess, preprocess_from_metadata, preprocess_to_metadata
 from .ranges import (BITS, METHODS, RangeConfig, activation_params, bias_scale_floor, needs_histogram,
-                     silu_input_range, weight_params)
+                     silu_input_range, weight_bits, weight_params)
 from .stats import Stats, model_hash
 from .targets import TARGETS, get_target
 
@@ -42,6 +43,7 @@ class QuantReport:
     config: RangeConfig
     preprocess: Preprocess
     preprocess_source: str
+    overflow_fix: str = "none"
     num_images: int = 0
     skipped: list = field(default_factory=list)
     activations: list = field(default_factory=list)  # RangeChoice
@@ -61,6 +63,7 @@ class QuantReport:
             "w_bits": self.config.w_bits,
             "a_bits": self.config.a_bits,
             "symmetric_activations": self.config.symmetric,
+            "overflow_fix": self.overflow_fix,
             "preprocess": self.preprocess.to_dict(),
             "preprocess_source": self.preprocess_source,
             "calibration_images": self.num_images,
@@ -189,13 +192,15 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
                          percentile=99.99, target="ort", keep_first=None, keep_head=None, exclude=(),
                          preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
                          batch_size=None, workers=1, threads=None, progress=False, on_skip=None,
-                         bias_correction=32):
+                         bias_correction=32, overflow_fix=None):
     """Quantize a float ONNX detector. Returns (onnx.ModelProto, QuantReport).
 
     bias_correction: number of calibration images used to fold each quantized Conv's mean output
     shift into its bias (0 disables it). It needs images, so with `stats` alone it is skipped.
     keep_first / keep_head: keep the first conv / the head's output convs float (None: the target's
     default; Q-YOLO keeps both).
+    overflow_fix: "first" (the layer that reads the image), "all" or "none": layers whose weights take 7 bits
+    so that int8 dot products cannot saturate on CPUs without VNNI (None: the target's default).
     preprocess: a Preprocess, a preset name ("ultralytics", "yolox", ...) or a dict of its fields; None
     takes it from the model.
     """
@@ -206,6 +211,9 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     if w_bits not in BITS or a_bits not in BITS:
         raise UsageError(f"bits must be among {BITS}")
     tgt = get_target(target)
+    overflow_fix = tgt.overflow_fix if overflow_fix is None else overflow_fix
+    if overflow_fix not in OVERFLOW_FIXES:
+        raise UsageError(f"--overflow-fix {overflow_fix!r}: choose one of {', '.join(OVERFLOW_FIXES)}")
     notes = []
     if symmetric is None:
         symmetric = not tgt.asymmetric_activations
@@ -280,7 +288,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         derive_sigmoid_ranges(st, {y: x for y, x in derived.items() if x in st.tensors})
     t2 = time.perf_counter()
 
-    report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, num_images=st.num_images, skipped=skipped,
+    report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, overflow_fix, num_images=st.num_images,
+                         skipped=skipped,
                          float_nodes=dict(plan.float_nodes), tail_nodes=len(plan.head.tail), notes=notes)
     act, choices = {}, {}
 
@@ -344,12 +353,13 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     for node_name, site in plan.weights.items():
         node = nodes[node_name]
         w = node.inputs[1].values
-        wq = weight_params(site.weight, w, site.axis, cfg.w_bits, _bias_scale_floor(node, act, w.shape[site.axis]))
+        bits = weight_bits(cfg.w_bits, overflow_fix, node_name in plan.reads_image)
+        wq = weight_params(site.weight, w, site.axis, bits, _bias_scale_floor(node, act, w.shape[site.axis]))
         if wq is None:
             report.float_nodes[node_name] = "weight holds NaN/Inf"
             continue
         weights[node_name] = wq
-        report.weights.append({"node": node_name, "weight": site.weight, "axis": site.axis,
+        report.weights.append({"node": node_name, "weight": site.weight, "axis": site.axis, "bits": bits,
                                "channels": int(wq.scale.size), "scale_min": float(wq.scale.min()),
                                "scale_max": float(wq.scale.max()), "raised_channels": wq.raised})
     raised = [wq.raised for wq in weights.values() if wq.raised]
@@ -576,6 +586,7 @@ def _stamp_metadata(model, report: QuantReport):
         "onnxq.method": report.config.method,
         "onnxq.bits": f"W{report.config.w_bits}A{report.config.a_bits}",
         "onnxq.symmetric_activations": json.dumps(report.config.symmetric),
+        "onnxq.overflow_fix": report.overflow_fix,
         "onnxq.target": report.target,
         "onnxq.calibration_images": str(report.num_images),
     })

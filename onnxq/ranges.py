@@ -183,6 +183,14 @@ def bias_scale_floor(bias: np.ndarray, x_scale: float, channels: int) -> np.ndar
     return b.reshape(-1, channels).max(axis=0) / (float(x_scale) * BIAS_INT_LIMIT)
 
 
+def weight_bits(w_bits, overflow_fix, reads_image) -> int:
+    """A layer's weight bits: 7 at most where the overflow fix covers it (see targets.Target.overflow_fix);
+    below 8 bits the products cannot overflow anyway."""
+    if overflow_fix == "all" or (overflow_fix == "first" and reads_image):
+        return min(w_bits, 7)
+    return w_bits
+
+
 def weight_params(name, w: np.ndarray, axis: int, bits: int, min_scale=None) -> WeightQuant | None:
     """Symmetric per-channel MinMax; None (stay float) if the weight holds NaN or Inf.
 

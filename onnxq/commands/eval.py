@@ -66,6 +66,25 @@ def run(args):
     if r["missing_images"]:
         print(f"note: {r['missing_images']} annotated images are not in the image folder: the figures are over "
               f"the {r['images']} scored, not the whole set", file=sys.stderr)
+    note = _saturation_note(args.model)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         write_json(args.json, r)
     return 0
+
+
+def _saturation_note(model_path):
+    """Why a model quantized with --overflow-fix none may score lower on this CPU than where it was quantized."""
+    import onnx
+
+    from ..cpu import int8_dot_saturates
+
+    if not int8_dot_saturates():
+        return None
+    meta = {p.key: p.value for p in onnx.load(model_path, load_external_data=False).metadata_props}
+    if meta.get("onnxq.overflow_fix") != "none":
+        return None
+    return ("this CPU has no VNNI: its int8 convolutions sum u8 x s8 products in pairs, in 16 bits, which 8-bit "
+            "weights can overflow; this model was quantized with --overflow-fix none (the default, first, "
+            "gives the layer reading the image 7-bit weights)")

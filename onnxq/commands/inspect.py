@@ -26,13 +26,16 @@ def describe(model_path, target="ort", imgsz=None, input_values=None) -> dict:
     import onnx
 
     from ..api import prepare_model, resolve_preprocess
+    from ..cpu import int8_dot_saturates
     from ..model import opset_of
     from ..passes.select import plan_quantization
+    from ..ranges import weight_bits
 
     prepared = prepare_model(model_path, imgsz=imgsz, input_values=input_values)
     src = prepared.source
     pp, pp_source = resolve_preprocess(prepared, None)
-    plan = plan_quantization(prepared.graph, get_target(target))
+    tgt = get_target(target)
+    plan = plan_quantization(prepared.graph, tgt)
     try:
         from ..evaluate.families import detect_family_or_none
         family = detect_family_or_none(prepared.model, prepared.inputs.hw)
@@ -61,6 +64,10 @@ def describe(model_path, target="ort", imgsz=None, input_values=None) -> dict:
         "target": target,
         "quantized_compute_ops": sorted(plan.weights),
         "float_compute_ops": plan.float_nodes,
+        "overflow_fix": tgt.overflow_fix,
+        "seven_bit_weights": sorted(n for n in plan.weights
+                                    if weight_bits(8, tgt.overflow_fix, n in plan.reads_image) < 8),
+        "cpu_int8_dot_saturates": int8_dot_saturates(),
         "quantized_activations": [{"tensor": s.tensor, "one_sided": s.one_sided, "role": s.role}
                                   for s in sorted(plan.activations.values(), key=lambda s: s.tensor)],
         "notes": prepared.inputs.notes,
@@ -94,6 +101,10 @@ def run(args):
           f"({sum(a['one_sided'] for a in acts)} one-sided)")
     for name, why in info["float_compute_ops"].items():
         print(f"  float: {name}: {why}")
+    if info["seven_bit_weights"]:
+        print(f"  7-bit weights (--overflow-fix {info['overflow_fix']}): {', '.join(info['seven_bit_weights'])}")
+    if info["cpu_int8_dot_saturates"]:
+        print("note: this CPU has no VNNI: its int8 dot products can saturate (see quantize --overflow-fix)")
     if args.all:
         print_table([[a["tensor"], a["role"], "yes" if a["one_sided"] else "no"] for a in acts],
                     ["tensor", "role", "one-sided"])

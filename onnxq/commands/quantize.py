@@ -2,7 +2,7 @@
 
 import sys
 
-from ..choices import BITS, METHODS
+from ..choices import BITS, METHODS, OVERFLOW_FIXES
 from ..errors import UsageError
 from ..fileio import check_writable
 from ..targets import TARGETS
@@ -47,6 +47,11 @@ def register(sub):
                       help="quantize the head's output convs (default for --target openvino)")
     head.add_argument("--keep-head", dest="keep_head", action="store_true",
                       help="keep the head's output convs float (Q-YOLO; default for ort, tensorrt and qyolo)")
+    q.add_argument("--overflow-fix", choices=OVERFLOW_FIXES,
+                   help="7-bit weights where int8 dot products could saturate on x86 CPUs without VNNI (AVX2, "
+                        "older AVX-512), which OpenVINO and onnxruntime run as u8 x s8 pairs summed in 16 bits: "
+                        "first = the conv that reads the image, whose pixels span all 256 levels (default; "
+                        "none for tensorrt), all, or none")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME|REGEX",
                    help="keep these nodes (or nodes writing these tensors) in float; repeatable")
     q.add_argument("--report", metavar="FILE.json", help="write every quantized tensor's range, scale, zero-point, "
@@ -80,7 +85,7 @@ def options_from_args(args):
                 num_images=positive("--num-images", args.num_images), seed=args.seed,
                 batch_size=positive("--batch", args.batch), workers=positive("--workers", args.workers),
                 threads=positive("--threads", args.threads), progress=not args.no_progress,
-                bias_correction=args.bias_correction)
+                bias_correction=args.bias_correction, overflow_fix=args.overflow_fix)
 
 
 def run(args):
@@ -123,7 +128,10 @@ def print_summary(report, output):
         rows.append([f"activations ({method})", len(choices), len(clipped),
                      f"{min(c.clip_ratio for c in choices):.3f}",
                      f"{max(c.mse for c in choices if c.mse == c.mse):.2e}"])
-    rows.append(["weights (minmax, per channel)", len(report.weights), "-", "-", "-"])
+    seven_bit = sum(1 for w in report.weights if w["bits"] < cfg.w_bits)
+    rows.append(["weights (minmax, per channel)", len(report.weights) - seven_bit, "-", "-", "-"])
+    if seven_bit:
+        rows.append([f"weights (7-bit: --overflow-fix {report.overflow_fix})", seven_bit, "-", "-", "-"])
     rows.append(["float compute ops", len(report.float_nodes), "-", "-", "-"])
     rows.append(["decode-tail ops (float)", report.tail_nodes, "-", "-", "-"])
     print(f"onnxq quantize: {report.model} -> {output}")

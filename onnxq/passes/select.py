@@ -46,6 +46,7 @@ class QuantPlan:
     weights: dict = field(default_factory=dict)  # node name -> WeightSite
     float_nodes: dict = field(default_factory=dict)  # compute node name -> why it stays float
     head: Head = field(default_factory=Head)
+    reads_image: set = field(default_factory=set)  # quantized compute nodes that read the image (first layer)
 
     def calibration_tensors(self):
         """Tensors calibration must observe: shared-parameter sites copy another tensor's range, unless their
@@ -198,9 +199,11 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
         if keep_head and node.name in head_outputs:
             plan.float_nodes[node.name] = "head output conv (kept float, Q-YOLO)"
             continue
-        if keep_first and _reaches_from_input(node.inputs[0], graph_inputs):
-            plan.float_nodes[node.name] = "first layer, reads the image (kept float, Q-YOLO)"
-            continue
+        if _reaches_from_input(node.inputs[0], graph_inputs):
+            if keep_first:
+                plan.float_nodes[node.name] = "first layer, reads the image (kept float, Q-YOLO)"
+                continue
+            plan.reads_image.add(node.name)
         quantized.append(node)
 
     unmatched = [p for p, _ in excludes if p not in matched]

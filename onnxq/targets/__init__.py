@@ -41,6 +41,12 @@ class Target:
     # onnxruntime's QLinearConv takes it. TensorRT's ONNX parser dequantizes only activation types (int8,
     # fp8) and fuses a float bias into the int8 conv itself.
     quantize_bias: bool = True
+    # Which layers get 7-bit weights (choices.OVERFLOW_FIXES). x86 CPUs without VNNI (AVX2, AVX-512 before
+    # Cascade Lake) multiply u8 by s8 with VPMADDUBSW, which sums two products into a saturating int16:
+    # 2 x 255 x 127 overflows it, 2 x 255 x 64 does not. The first layer reads the image, whose pixels
+    # span all 256 levels: on such a CPU OpenVINO lost 4.9 mAP50-95 on yolov5n there (measured). GPUs
+    # have no such instruction.
+    overflow_fix: str = "first"
     description: str = ""
 
 
@@ -77,6 +83,7 @@ TARGETS = {
         unify_concat=True,
         asymmetric_activations=False,
         quantize_bias=False,
+        overflow_fix="none",
         description="TensorRT: symmetric int8, Q/DQ on Conv and residual Add inputs, shared Concat scales, "
                     "float biases",
     ),
