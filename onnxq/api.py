@@ -199,8 +199,9 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     shift into its bias (0 disables it). It needs images, so with `stats` alone it is skipped.
     keep_first / keep_head: keep the first conv / the head's output convs float (None: the target's
     default; Q-YOLO keeps both).
-    overflow_fix: "first" (the layer that reads the image), "all" or "none": layers whose weights take 7 bits
-    so that int8 dot products cannot saturate on CPUs without VNNI (None: the target's default).
+    overflow_fix: layers whose weights take 7 bits so that int8 dot products cannot saturate on CPUs without
+    VNNI: "auto" (the conv reading the image and convs with two-sided inputs), "first" (the conv reading the
+    image), "all" or "none" (None: the target's default; see ranges.weight_bits).
     preprocess: a Preprocess, a preset name ("ultralytics", "yolox", ...) or a dict of its fields; None
     takes it from the model.
     """
@@ -352,26 +353,27 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     nodes = {n.name: n for n in graph.nodes}
     for node_name, site in plan.weights.items():
         node = nodes[node_name]
+        x = act.get(node.inputs[0].name)
+        if x is None:  # a quantized weight needs its input quantized too (and the reverse) for an integer kernel
+            report.float_nodes[node_name] = "its input stays float"
+            continue
         w = node.inputs[1].values
-        bits = weight_bits(cfg.w_bits, overflow_fix, node_name in plan.reads_image)
+        reads_image = node_name in plan.reads_image
+        bits = weight_bits(cfg.w_bits, overflow_fix, reads_image, x)
         wq = weight_params(site.weight, w, site.axis, bits, _bias_scale_floor(node, act, w.shape[site.axis]))
         if wq is None:
             report.float_nodes[node_name] = "weight holds NaN/Inf"
             continue
         weights[node_name] = wq
         report.weights.append({"node": node_name, "weight": site.weight, "axis": site.axis, "bits": bits,
+                               # 8-bit weights where pair sums could overflow on a CPU without VNNI
+                               "overflow_exposed": weight_bits(cfg.w_bits, "auto", reads_image, x) < bits,
                                "channels": int(wq.scale.size), "scale_min": float(wq.scale.min()),
                                "scale_max": float(wq.scale.max()), "raised_channels": wq.raised})
     raised = [wq.raised for wq in weights.values() if wq.raised]
     if raised:
         notes.append(f"{sum(raised)} output channel(s) of {len(raised)} layer(s) hold near-zero weights beside a "
                      f"bias: their weight scale is raised so that the int32 bias holds it")
-    # a quantized weight needs its input quantized too (and the reverse) for an integer kernel
-    for node_name in list(weights):
-        x = nodes[node_name].inputs[0]
-        if x.name not in act:
-            report.float_nodes[node_name] = "its input stays float"
-            del weights[node_name]
 
     float_graph = graph.copy()
     out = to_model(insert_qdq(graph, plan, act, weights), prepared.source)
@@ -587,6 +589,7 @@ def _stamp_metadata(model, report: QuantReport):
         "onnxq.bits": f"W{report.config.w_bits}A{report.config.a_bits}",
         "onnxq.symmetric_activations": json.dumps(report.config.symmetric),
         "onnxq.overflow_fix": report.overflow_fix,
+        "onnxq.overflow_exposed_layers": str(sum(w["overflow_exposed"] for w in report.weights)),
         "onnxq.target": report.target,
         "onnxq.calibration_images": str(report.num_images),
     })

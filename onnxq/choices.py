@@ -4,4 +4,4 @@ that building the parser imports neither numpy, onnx nor Numba: `onnxq --help` a
 METHODS = ("uh", "minmax", "percentile", "mse", "entropy")
 BITS = (8, 6, 4)
 # which layers get 7-bit weights so that u8 x s8 dot products cannot saturate on CPUs without VNNI
-OVERFLOW_FIXES = ("first", "all", "none")
+OVERFLOW_FIXES = ("auto", "first", "all", "none")

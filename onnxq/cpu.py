@@ -6,20 +6,33 @@ from pathlib import Path
 
 # x86 extensions with an 8-bit dot product that accumulates in 32 bits (no 16-bit intermediate to saturate)
 _EXACT_INT8_DOT = ("avx512_vnni", "avx_vnni", "amx_int8")
+_X86 = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
+_ARM = ("aarch64", "arm64")
+
+SATURATION = ("this CPU has no VNNI: its int8 convolutions add each pair of u8 x s8 products into a 16-bit "
+              "sum, which 8-bit weights can overflow")
+
+
+def saturates(machine: str, cpuinfo: str | None) -> bool | None:
+    """True for an x86 CPU whose u8 x s8 products pass through a saturating 16-bit sum (VPMADDUBSW: SSE4,
+    AVX2, AVX-512 without VNNI), False where they cannot saturate, None where this cannot be told.
+    cpuinfo: the text of /proc/cpuinfo, None where there is none."""
+    machine = machine.lower()
+    if machine in _ARM:
+        return False  # Arm's int8 dot products (SDOT, SMMLA) widen to 32 bits
+    if machine not in _X86 or cpuinfo is None:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    return not any(f in flags for f in _EXACT_INT8_DOT)
 
 
 @functools.lru_cache(maxsize=None)
 def int8_dot_saturates() -> bool | None:
-    """True on an x86 CPU whose u8 x s8 products pass through a saturating 16-bit sum (VPMADDUBSW: SSE4,
-    AVX2, AVX-512 without VNNI), False where they cannot saturate, None where this cannot be told."""
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64", "i686", "x86"):
-        return False if machine in ("aarch64", "arm64") else None  # Arm's int8 dot products widen to 32 bits
+    """saturates() for this machine."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None  # not Linux: no flags to read here
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
-    if flags is None:
-        return None
-    return not any(f in flags for f in _EXACT_INT8_DOT)
+        cpuinfo = None  # not Linux: no flags to read here
+    return saturates(platform.machine(), cpuinfo)

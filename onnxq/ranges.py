@@ -183,12 +183,39 @@ def bias_scale_floor(bias: np.ndarray, x_scale: float, channels: int) -> np.ndar
     return b.reshape(-1, channels).max(axis=0) / (float(x_scale) * BIAS_INT_LIMIT)
 
 
-def weight_bits(w_bits, overflow_fix, reads_image) -> int:
-    """A layer's weight bits: 7 at most where the overflow fix covers it (see targets.Target.overflow_fix);
-    below 8 bits the products cannot overflow anyway."""
-    if overflow_fix == "all" or (overflow_fix == "first" and reads_image):
-        return min(w_bits, 7)
-    return w_bits
+# x86 without VNNI adds each pair of u8 x s8 products into a saturating int16 (see
+# targets.Target.overflow_fix). With 8-bit weights (|w| <= 127) a pair can overflow only where inputs
+# pass 32767 // (2 * 127) = 129 on the u8 scale; with 7-bit weights no pair can (2 x 255 x 63 < 32767).
+PAIR_SAFE_INPUT = 32767 // (2 * 127)
+# An input grid whose zero sits this high on the u8 scale is two-sided: its everyday values, not only its
+# rare peaks, sit mid-range (ShuffleNet's depthwise outputs, read by 1x1 convs: zero points 96-190; every
+# conv input of the YOLO models, SiLU outputs and merges of them, stays below 64). Symmetric int8
+# activations count as 128: CPUs shift them to u8.
+MIDRANGE_ZERO_POINT = 64
+
+
+def u8_grid(params) -> tuple:
+    """(zero point, top) of an activation's grid on the u8 scale the CPU's int8 kernels compute on."""
+    shift = 128 if np.dtype(params.dtype) == np.int8 else 0
+    return params.zero_point + shift, params.qmax + shift
+
+
+def weight_bits(w_bits, overflow_fix, reads_image, input_params=None) -> int:
+    """A layer's weight bits: 7 where the overflow fix covers it and its pair sums could overflow.
+
+    overflow_fix: auto (the conv reading the image, and convs whose input is two-sided), first (the conv
+    reading the image), all, none. input_params: the QParams of the layer's input, None where unknown."""
+    if w_bits < 8 or overflow_fix == "none":
+        return w_bits  # 7 bits or fewer: no pair can overflow
+    if input_params is not None:
+        zero, top = u8_grid(input_params)
+        if top <= PAIR_SAFE_INPUT:
+            return w_bits  # a low-bit input grid: no pair can overflow either
+        two_sided = zero >= MIDRANGE_ZERO_POINT
+    else:
+        two_sided = False
+    covered = {"all": True, "first": reads_image, "auto": reads_image or two_sided}[overflow_fix]
+    return 7 if covered else w_bits
 
 
 def weight_params(name, w: np.ndarray, axis: int, bits: int, min_scale=None) -> WeightQuant | None:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from ..errors import OnnxqError, UsageError, first_line
 
-BACKENDS = ("ort", "openvino")
+# "reference": onnxruntime with no graph optimization, so a QDQ model runs as written, DequantizeLinear ->
+# float op -> QuantizeLinear: the model's own arithmetic, the same on every CPU (no int8 kernel to saturate)
+BACKENDS = ("ort", "openvino", "reference")
 PRECISIONS = ("f32", "bf16", "default")
 
 
@@ -58,7 +60,7 @@ def require(module: str, pip_name: str):
 
 
 def get_runner(backend: str, model_path, threads: int | None = None, precision: str | None = None) -> Runner:
-    """A runner for `model_path` on `backend` ("ort" or "openvino"), CPU.
+    """A runner for `model_path` on `backend` ("ort", "openvino" or "reference"), CPU.
 
     precision only matters for openvino: f32 (default), bf16 or default (the CPU's choice).
     """
@@ -68,12 +70,12 @@ def get_runner(backend: str, model_path, threads: int | None = None, precision: 
         raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if threads is not None and threads <= 0:
         raise UsageError(f"threads {threads}: must be positive")
-    if backend == "ort":
+    if backend in ("ort", "reference"):
         require("onnxruntime", "onnxruntime")
         check_model_file(model_path)
         from .ort.runner import OrtRunner
 
-        return OrtRunner(model_path, threads=threads)
+        return OrtRunner(model_path, threads=threads, optimize=backend == "ort")
     require("openvino", "openvino")
     check_model_file(model_path, allow_ir=True)
     from .openvino.runner import OpenVinoRunner

@@ -2,6 +2,7 @@
 
 import collections
 
+from ..cpu import SATURATION
 from ..targets import TARGETS, get_target
 from .common import add_model_input_arguments, add_verbose, print_table, write_json
 
@@ -103,8 +104,10 @@ def run(args):
         print(f"  float: {name}: {why}")
     if info["seven_bit_weights"]:
         print(f"  7-bit weights (--overflow-fix {info['overflow_fix']}): {', '.join(info['seven_bit_weights'])}")
-    if info["cpu_int8_dot_saturates"]:
-        print("note: this CPU has no VNNI: its int8 dot products can saturate (see quantize --overflow-fix)")
+    if info["overflow_fix"] == "auto":
+        print("  7-bit weights also on convs whose input is two-sided, once calibration has set its grid")
+    if info["cpu_int8_dot_saturates"] and info["overflow_fix"] != "none":
+        print(f"note: {SATURATION} (see quantize --overflow-fix)")
     if args.all:
         print_table([[a["tensor"], a["role"], "yes" if a["one_sided"] else "no"] for a in acts],
                     ["tensor", "role", "one-sided"])

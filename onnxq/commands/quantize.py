@@ -50,8 +50,9 @@ def register(sub):
     q.add_argument("--overflow-fix", choices=OVERFLOW_FIXES,
                    help="7-bit weights where int8 dot products could saturate on x86 CPUs without VNNI (AVX2, "
                         "older AVX-512), which OpenVINO and onnxruntime run as u8 x s8 pairs summed in 16 bits: "
-                        "first = the conv that reads the image, whose pixels span all 256 levels (default; "
-                        "none for tensorrt), all, or none")
+                        "auto = the conv that reads the image (pixels span all 256 levels) and convs whose "
+                        "input is two-sided (zero point mid-range) (default; none for tensorrt); first = the "
+                        "conv that reads the image only; all; none")
     q.add_argument("--exclude", action="append", default=[], metavar="NAME|REGEX",
                    help="keep these nodes (or nodes writing these tensors) in float; repeatable")
     q.add_argument("--report", metavar="FILE.json", help="write every quantized tensor's range, scale, zero-point, "

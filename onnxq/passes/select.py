@@ -129,7 +129,8 @@ def _weight_axis(node) -> int:
 
 
 def _reaches_from_input(tensor, graph_inputs) -> bool:
-    """The first layer reads the image directly (or through layout ops only)."""
+    """The first layer reads the image directly, or through ops that compute nothing from weights
+    (layout, normalisation, BatchNormalization, Clip, Pad...)."""
     stack, seen = [tensor], set()
     while stack:
         t = stack.pop()
@@ -139,8 +140,11 @@ def _reaches_from_input(tensor, graph_inputs) -> bool:
             continue
         seen.add(t.name)
         p = producer(t)
-        if p is not None and (p.op in LAYOUT_OPS or p.op in ("Cast", "Div", "Sub", "Mul", "Add")):
-            stack.extend(x for x in p.inputs if isinstance(x, gs.Variable))
+        if p is None or p.op in COMPUTE_OPS or p.op in ("Shape", "Size"):
+            continue  # (a Shape of the image feeds sizes and indices, not values)
+        # the values flow through input 0; every input of a join (the others are sizes, scales, bounds)
+        data = p.inputs if p.op in ("Concat", "Add", "Sub", "Mul", "Div") else p.inputs[:1]
+        stack.extend(x for x in data if isinstance(x, gs.Variable))
     return False
 
 

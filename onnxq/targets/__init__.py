@@ -41,12 +41,13 @@ class Target:
     # onnxruntime's QLinearConv takes it. TensorRT's ONNX parser dequantizes only activation types (int8,
     # fp8) and fuses a float bias into the int8 conv itself.
     quantize_bias: bool = True
-    # Which layers get 7-bit weights (choices.OVERFLOW_FIXES). x86 CPUs without VNNI (AVX2, AVX-512 before
-    # Cascade Lake) multiply u8 by s8 with VPMADDUBSW, which sums two products into a saturating int16:
-    # 2 x 255 x 127 overflows it, 2 x 255 x 64 does not. The first layer reads the image, whose pixels
-    # span all 256 levels: on such a CPU OpenVINO lost 4.9 mAP50-95 on yolov5n there (measured). GPUs
-    # have no such instruction.
-    overflow_fix: str = "first"
+    # Which layers get 7-bit weights (choices.OVERFLOW_FIXES; ranges.weight_bits). x86 CPUs without VNNI
+    # (AVX2, AVX-512 before Cascade Lake, AMD before Zen 4) multiply u8 by s8 with VPMADDUBSW, which adds
+    # two products into a saturating int16: 2 x 255 x 127 overflows it, 2 x 255 x 63 does not. Measured
+    # on such a CPU: the conv reading the image (pixels over all 256 levels) cost OpenVINO 3-6 mAP50-95,
+    # and 1x1 convs reading ShuffleNet's two-sided depthwise outputs took FastestDet's raw outputs from
+    # 0.99 to 0.84-0.93 correlation with FP32 on onnxruntime. GPUs have no such instruction.
+    overflow_fix: str = "auto"
     description: str = ""
 
 

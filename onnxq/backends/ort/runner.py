@@ -34,9 +34,10 @@ def create_session(model_path, opts):
 
 
 class OrtRunner(Runner):
-    def __init__(self, model_path, threads=None):
+    def __init__(self, model_path, threads=None, optimize=True):
         self.model_path = str(model_path)
-        self.session = create_session(model_path, session_options(threads))
+        level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.session = create_session(model_path, session_options(threads, level))
         inputs = self.session.get_inputs()
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
