@@ -6,8 +6,9 @@ weights; 7-bit weights cannot. Each model is calibrated once (128 images of coco
 for the default --target ort and for --target openvino (every conv int8, the first included) with each
 --overflow-fix, and evaluated on coco_val2017_first128 on the runtime the target is for and on the
 reference (onnxruntime running the Q/DQ nodes as written, in float: the model's own accuracy on any CPU).
-On a CPU with VNNI the runtime column should match the reference whatever the fix; without VNNI, `none`
-falls below it wherever pair sums overflow.
+On a CPU with VNNI the int8 column should stay within a few tenths of the reference (integer kernels
+requantize and round differently from float) whatever the fix; without VNNI, `none` falls below it
+wherever pair sums overflow.
 
     python bench/overflow.py [--models ...] [--fixes none first auto]
 """
