@@ -2,6 +2,7 @@
 
 import sys
 
+from ..backends import BACKENDS
 from ..evaluate.families import FAMILIES
 from ..fileio import check_writable
 from .common import (
@@ -27,7 +28,7 @@ def register(sub):
     p.add_argument("model")
     p.add_argument("--data", required=True, metavar="DIR", help="COCO folder: images/ and instances.json")
     p.add_argument("--ann", metavar="FILE", help="COCO annotation file (default DIR/instances.json)")
-    p.add_argument("--runtime", choices=("ort", "openvino", "reference"), default="ort",
+    p.add_argument("--runtime", choices=BACKENDS, default="ort",
                    help="onnxruntime CPU, OpenVINO CPU (f32 precision hint), or reference: onnxruntime running "
                         "the Q/DQ nodes as written, in float (the same on every CPU, slower) (default ort)")
     p.add_argument("--family", choices=list(FAMILIES), help="output layout (default: detected from the graph)")
