@@ -589,6 +589,8 @@ def _stamp_metadata(model, report: QuantReport):
         "onnxq.bits": f"W{report.config.w_bits}A{report.config.a_bits}",
         "onnxq.symmetric_activations": json.dumps(report.config.symmetric),
         "onnxq.overflow_fix": report.overflow_fix,
+        # onnxq.bits is the run's setting; these layers' weights took 7 bits of it
+        "onnxq.overflow_fixed_layers": str(sum(w["bits"] < report.config.w_bits for w in report.weights)),
         "onnxq.overflow_exposed_layers": str(sum(w["overflow_exposed"] for w in report.weights)),
         "onnxq.target": report.target,
         "onnxq.calibration_images": str(report.num_images),

@@ -65,6 +65,9 @@ def test_the_fix_gives_the_chosen_layers_7_bit_weights(yolov5n_stats, target, fi
     # symmetric int8 every layer (a CPU would shift its inputs to u8 around 128)
     exposed = len(report.weights) if target == "tensorrt" else 0 if first_7bit else 1
     assert meta["onnxq.overflow_exposed_layers"] == str(exposed)
+    seven_bit = sum(w["bits"] == 7 for w in report.weights)
+    assert meta["onnxq.overflow_fixed_layers"] == str(seven_bit)
+    assert seven_bit == (len(report.weights) if others_7bit else int(first_7bit))
 
 
 def test_auto_covers_two_sided_inputs(tmp_path):
@@ -245,6 +248,29 @@ def test_inspect_names_the_layers_that_take_7_bit_weights(tmp_path, capsys):
     assert info["openvino"]["seven_bit_weights"] == ["model.0.conv/Conv"]
     assert info["ort"]["seven_bit_weights"] == []  # its first conv stays float
     assert info["tensorrt"]["seven_bit_weights"] == [] and info["tensorrt"]["overflow_fix"] == "none"
+
+
+def test_inspect_previews_quantize_placement_options(tmp_path, capsys):
+    """inspect takes quantize's placement flags, so its preview is of the model a user is about to write."""
+    def described(*flags):
+        path = tmp_path / "info.json"
+        assert main(["inspect", str(YOLOV5N), *flags, "--json", str(path)]) == 0
+        capsys.readouterr()
+        return json.loads(path.read_text())
+
+    first = "model.0.conv/Conv"
+    default = described("--target", "ort")
+    assert first in default["float_compute_ops"] and first not in default["quantized_compute_ops"]
+    quantized_first = described("--target", "ort", "--quantize-first")
+    assert first in quantized_first["quantized_compute_ops"]
+    assert quantized_first["seven_bit_weights"] == [first]
+    assert described("--target", "ort", "--quantize-first", "--overflow-fix", "none")["seven_bit_weights"] == []
+    everything = described("--target", "openvino", "--overflow-fix", "all")
+    assert everything["seven_bit_weights"] == everything["quantized_compute_ops"]
+    excluded = described("--target", "openvino", "--exclude", first)
+    assert first in excluded["float_compute_ops"] and excluded["seven_bit_weights"] == []
+    head_kept = described("--target", "openvino", "--keep-head")
+    assert set(head_kept["decode_tail"]["head_output_convs"]) <= set(head_kept["float_compute_ops"])
 
 
 def test_the_first_layer_is_found_through_normalisation_but_not_through_a_shape(tmp_path):

@@ -4,7 +4,9 @@ import sys
 import warnings
 
 from .. import fileio
+from ..choices import OVERFLOW_FIXES
 from ..errors import UsageError
+from ..targets import TARGETS
 
 
 def add_verbose(parser):
@@ -14,6 +16,31 @@ def add_verbose(parser):
 def add_model_input_arguments(parser):
     parser.add_argument("--input", action="append", default=[], metavar="NAME=V1,V2,...",
                         help="constant for a model input beside the image (ones by default)")
+
+
+def add_placement_arguments(group):
+    """Where Q/DQ goes and which layers stay float or take 7-bit weights: quantize's choices, which inspect previews."""
+    group.add_argument("--target", choices=sorted(TARGETS), default="ort",
+                       help="Q/DQ placement for this runtime's integer kernels (default ort); qyolo is the "
+                            "paper's placement (Conv inputs only, first and head convs float): the most accurate")
+    first = group.add_mutually_exclusive_group()
+    first.add_argument("--quantize-first", dest="keep_first", action="store_false", default=None,
+                       help="quantize the first conv, which reads the image (default for --target openvino)")
+    first.add_argument("--keep-first", dest="keep_first", action="store_true",
+                       help="keep the first conv float (Q-YOLO; default for ort, tensorrt and qyolo)")
+    head = group.add_mutually_exclusive_group()
+    head.add_argument("--quantize-head", dest="keep_head", action="store_false", default=None,
+                      help="quantize the head's output convs (default for --target openvino)")
+    head.add_argument("--keep-head", dest="keep_head", action="store_true",
+                      help="keep the head's output convs float (Q-YOLO; default for ort, tensorrt and qyolo)")
+    group.add_argument("--overflow-fix", choices=OVERFLOW_FIXES,
+                       help="7-bit weights where int8 dot products could saturate on x86 CPUs without VNNI (AVX2, "
+                            "older AVX-512), which OpenVINO and onnxruntime run as u8 x s8 pairs summed in 16 "
+                            "bits: auto = the conv that reads the image (pixels span all 256 levels) and convs "
+                            "whose input is two-sided (zero point mid-range) (default; none for tensorrt); first = "
+                            "the conv that reads the image only; all; none")
+    group.add_argument("--exclude", action="append", default=[], metavar="NAME|REGEX",
+                       help="keep these nodes (or nodes writing these tensors) in float; repeatable")
 
 
 def add_preprocess_arguments(parser):

@@ -3,14 +3,14 @@
 import collections
 
 from ..cpu import SATURATION
-from ..targets import TARGETS, get_target
-from .common import add_model_input_arguments, add_verbose, print_table, write_json
+from ..targets import get_target
+from .common import add_model_input_arguments, add_placement_arguments, add_verbose, print_table, write_json
 
 
 def register(sub):
     p = sub.add_parser("inspect", help="show inputs, outputs, ops, the decode tail and what quantize would touch")
     p.add_argument("model", help="ONNX model")
-    p.add_argument("--target", choices=sorted(TARGETS), default="ort")
+    add_placement_arguments(p.add_argument_group("placement (as quantize would place it)"))
     p.add_argument("--imgsz", metavar="H[,W]", help="input size for models with dynamic height/width")
     p.add_argument("--json", metavar="PATH", help="write the same as JSON")
     p.add_argument("--all", action="store_true", help="list every tensor quantize would touch")
@@ -23,7 +23,9 @@ def _shape(vi):
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
 
 
-def describe(model_path, target="ort", imgsz=None, input_values=None) -> dict:
+def describe(model_path, target="ort", imgsz=None, input_values=None, keep_first=None, keep_head=None, exclude=(),
+             overflow_fix=None) -> dict:
+    """What quantize would see and touch, with quantize's placement options (None: the target's choice)."""
     import onnx
 
     from ..api import prepare_model, resolve_preprocess
@@ -36,7 +38,8 @@ def describe(model_path, target="ort", imgsz=None, input_values=None) -> dict:
     src = prepared.source
     pp, pp_source = resolve_preprocess(prepared, None)
     tgt = get_target(target)
-    plan = plan_quantization(prepared.graph, tgt)
+    plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
+    overflow_fix = tgt.overflow_fix if overflow_fix is None else overflow_fix
     try:
         from ..evaluate.families import detect_family_or_none
         family = detect_family_or_none(prepared.model, prepared.inputs.hw)
@@ -65,9 +68,8 @@ def describe(model_path, target="ort", imgsz=None, input_values=None) -> dict:
         "target": target,
         "quantized_compute_ops": sorted(plan.weights),
         "float_compute_ops": plan.float_nodes,
-        "overflow_fix": tgt.overflow_fix,
-        "seven_bit_weights": sorted(n for n in plan.weights
-                                    if weight_bits(8, tgt.overflow_fix, n in plan.reads_image) < 8),
+        "overflow_fix": overflow_fix,
+        "seven_bit_weights": sorted(n for n in plan.weights if weight_bits(8, overflow_fix, n in plan.reads_image) < 8),
         "cpu_int8_dot_saturates": int8_dot_saturates(),
         "quantized_activations": [{"tensor": s.tensor, "one_sided": s.one_sided, "role": s.role}
                                   for s in sorted(plan.activations.values(), key=lambda s: s.tensor)],
@@ -79,7 +81,9 @@ def run(args):
     from ..model import parse_input_values
     from ..preprocess import imgsz_from_args
 
-    info = describe(args.model, args.target, imgsz_from_args(args), parse_input_values(args.input))
+    info = describe(args.model, args.target, imgsz_from_args(args), parse_input_values(args.input),
+                    keep_first=args.keep_first, keep_head=args.keep_head, exclude=args.exclude,
+                    overflow_fix=args.overflow_fix)
     print(f"model      {info['model']}  (opset {info['opset']}, IR {info['ir_version']})")
     for i in info["inputs"]:
         print(f"input      {i['name']} {i['shape']} {i['type']}")

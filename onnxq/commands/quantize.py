@@ -2,12 +2,11 @@
 
 import sys
 
-from ..choices import BITS, METHODS, OVERFLOW_FIXES
+from ..choices import BITS, METHODS
 from ..errors import UsageError
 from ..fileio import check_writable
-from ..targets import TARGETS
-from .common import (add_calibration_arguments, add_model_input_arguments, add_preprocess_arguments, add_verbose,
-                     positive, print_table, quiet_warnings, write_json)
+from .common import (add_calibration_arguments, add_model_input_arguments, add_placement_arguments,
+                     add_preprocess_arguments, add_verbose, positive, print_table, quiet_warnings, write_json)
 
 
 def register(sub):
@@ -34,27 +33,7 @@ def register(sub):
                      help="symmetric activations (int8, zero-point 0); forced by --target tensorrt")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric activations (uint8)")
     q.add_argument("--percentile", type=float, help="for --method percentile (default 99.99)")
-    q.add_argument("--target", choices=sorted(TARGETS), default="ort",
-                   help="Q/DQ placement for this runtime's integer kernels (default ort); qyolo is the "
-                        "paper's placement (Conv inputs only, first and head convs float): the most accurate")
-    first = q.add_mutually_exclusive_group()
-    first.add_argument("--quantize-first", dest="keep_first", action="store_false", default=None,
-                       help="quantize the first conv, which reads the image (default for --target openvino)")
-    first.add_argument("--keep-first", dest="keep_first", action="store_true",
-                       help="keep the first conv float (Q-YOLO; default for ort, tensorrt and qyolo)")
-    head = q.add_mutually_exclusive_group()
-    head.add_argument("--quantize-head", dest="keep_head", action="store_false", default=None,
-                      help="quantize the head's output convs (default for --target openvino)")
-    head.add_argument("--keep-head", dest="keep_head", action="store_true",
-                      help="keep the head's output convs float (Q-YOLO; default for ort, tensorrt and qyolo)")
-    q.add_argument("--overflow-fix", choices=OVERFLOW_FIXES,
-                   help="7-bit weights where int8 dot products could saturate on x86 CPUs without VNNI (AVX2, "
-                        "older AVX-512), which OpenVINO and onnxruntime run as u8 x s8 pairs summed in 16 bits: "
-                        "auto = the conv that reads the image (pixels span all 256 levels) and convs whose "
-                        "input is two-sided (zero point mid-range) (default; none for tensorrt); first = the "
-                        "conv that reads the image only; all; none")
-    q.add_argument("--exclude", action="append", default=[], metavar="NAME|REGEX",
-                   help="keep these nodes (or nodes writing these tensors) in float; repeatable")
+    add_placement_arguments(q)
     q.add_argument("--report", metavar="FILE.json", help="write every quantized tensor's range, scale, zero-point, "
                                                          "clip ratio and MSE")
     add_preprocess_arguments(p)
