@@ -537,6 +537,23 @@ def test_channel_sums_match_onnxruntime_quantize_dequantize(sym):
     np.testing.assert_array_equal(sx2, sq2)
 
 
+def test_channel_sums_split_long_rows_exactly(monkeypatch):
+    """Rows longer than ROW_LIMIT (whose int32 level sums could overflow) are summed in pieces: the same
+    sums as one piece, also where the last piece is short."""
+    from onnxq.kernels import channels
+    from onnxq.passes.qdq import QParams
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(1.0, 3.0, (2, 3, 7, 11)).astype(np.float32)
+    q = QParams(scale=0.07, zero_point=40, dtype=np.uint8, qmin=0, qmax=255)
+    whole = channels.channel_sums(x, q)
+    monkeypatch.setattr(channels, "ROW_LIMIT", 10)  # 77 values a row: 8 pieces, the last of 7
+    pieces = channels.channel_sums(x, q)
+    np.testing.assert_allclose(pieces[0], whole[0], rtol=1e-12)
+    np.testing.assert_array_equal(pieces[1], whole[1])  # multiples of one float32 scale add exactly in float64
+    assert pieces[2] == whole[2] == 2 * 77
+
+
 def test_fold_float32_in_chunks_equals_one_float64_pass():
     """The float32 fold moves its grid chunk by chunk (here 7 values, with chunks of only NaN, a range that
     grows 100-fold midway and +-Inf): it must end on the histogram one pass over the same values as float64

