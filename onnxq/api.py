@@ -28,10 +28,12 @@ from .passes.fold import fold_constants, name_nodes, untie_shared_weights
 from .passes.graph import to_graph, to_model
 from .passes.opset import upgrade_opset
 from .passes.qdq import insert_qdq
-from .passes.select import plan_quantization
+from .passes.graph import consumers
+from .passes.regions import region_function
+from .passes.select import float_readers, plan_quantization
 from .preprocess import PRESETS, Preprocess, as_preprocess, preprocess_from_metadata, preprocess_to_metadata
 from .ranges import (BITS, METHODS, RangeConfig, activation_params, bias_scale_floor, needs_histogram,
-                     silu_input_range, weight_bits, weight_params)
+                     fine_grid, region_input_range, silu_input_range, weight_bits, weight_params)
 from .stats import Stats, model_hash
 from .targets import TARGETS, get_target
 
@@ -291,63 +293,17 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
 
     report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, overflow_fix, num_images=st.num_images,
                          skipped=skipped,
-                         float_nodes=dict(plan.float_nodes), tail_nodes=len(plan.head.tail), notes=notes)
-    act, choices = {}, {}
-
-    def params_of(name, site, seen=None):
-        seen = st.tensors[name] if seen is None else seen
-        for other in site.merge:  # one scale for a whole Concat group: the range of all its values
-            seen = seen.merge(st.tensors[other])
-        return activation_params(name, seen, site.one_sided, cfg, site.direct)
-
-    def record(name, choice, label=None):
-        if choice is None:
-            report.float_tensors[name] = "no finite value observed"
-            warnings.warn(f"activation {name}: no finite value in calibration; left float")
-            return
-        if choice.nonfinite:
-            warnings.warn(f"activation {name}: {choice.nonfinite} NaN/Inf values ignored in its range")
-        # a derived range (label) was never measured against a histogram: no clipped share to report
-        choices[name] = replace(choice, method=label, clipped_fraction=float("nan")) if label else choice
-        act[name] = choice.params
-
-    def choose(name, site, seen=None, label=None):
-        record(name, params_of(name, site, seen), label)
-
-    # SiLU outputs first, then their inputs' ranges, then the Sigmoids': the range each can reach in the
-    # quantized model
-    sigmoid_of = {s: x for s, x in derived.items() if x in bounded}
-    image = prepared.inputs.image
-    own = [(name, site) for name, site in sorted(plan.activations.items())
-           if site.share is None and name not in bounded and name not in sigmoid_of and name != image]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # the searches release the GIL
-        for (name, _), choice in zip(own, pool.map(lambda item: params_of(*item), own)):
-            record(name, choice)
-    site = plan.activations.get(image)
-    if site is not None and site.share is None and image in st.tensors:
-        # every value 8-bit pixels can give, not the calibration images' range (a dark set would clip the
-        # bright pixels of others); with no mean/std the pixels land on the grid exactly
-        choose(image, site, range_only(*pp.value_range(), st.tensors[image]), label="pixel-range")
-    for name, y in sorted(bounded.items()):
-        if y not in act:
-            report.float_tensors[name] = "its SiLU's output stays float"
-            continue
-        y_seen = st.tensors[y]
-        choose(name, plan.activations[name], range_only(*silu_input_range(act[y], y_seen.mx), y_seen),
-               label="silu-range")
-    for name, x in sorted(sigmoid_of.items()):
-        if x in act:
-            q = act[x]
-            lo, hi = (sigmoid((v - q.zero_point) * q.scale) for v in (q.qmin, q.qmax))
-            choose(name, plan.activations[name], range_only(lo, hi, st.tensors[bounded[x]]), label="sigmoid-range")
-    # a SiLU input's range is its output's grid, a Sigmoid's its input's: tensor -> the one it came from
-    ranged_from = {**bounded, **{s: bounded[x] for s, x in sigmoid_of.items()}}
-    _keep_starved_depthwise_float(prepared.graph, plan, act, st, report, ranged_from)
+                         float_nodes=dict(plan.float_nodes), float_tensors=dict(plan.float_tensors), tail_nodes=len(plan.head.tail), notes=notes)
+    act, choices, float_tensors = choose_ranges(prepared, plan, st, cfg, pp)
+    starved = starved_depthwise(prepared.graph, plan, act, st)
+    if starved:  # placement again with those convs float: what fed them in int8 now feeds them float values
+        plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude,
+                                 float_nodes=starved)
+        act, choices, float_tensors = choose_ranges(prepared, plan, st, cfg, pp)
+        report.float_nodes = dict(plan.float_nodes)
+        report.float_tensors = dict(plan.float_tensors)
+    report.float_tensors.update(float_tensors)
     report.activations.extend(choices[name] for name in sorted(choices) if name in act)
-    # ops that only move values run in int8 only if their output keeps the input's parameters
-    for name, site in plan.activations.items():
-        if site.share is not None and site.share in act:
-            act[name] = act[site.share]
     weights = {}
     graph = prepared.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -392,6 +348,85 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     report.seconds.update({"calibrate": round(t2 - t0, 3), "total": round(time.perf_counter() - t0, 3)})
     _check_output(out, prepared.source)
     return out, report
+
+
+def choose_ranges(prepared, plan, st, cfg, pp):
+    """(QParams per activation tensor, RangeChoice per tensor, tensors left float and why) for `plan`.
+
+    Order: every observed tensor's own range, the image's pixel range, then the ranges derived from those
+    (a SiLU's or another activation's input from its output's grid, a SiLU's Sigmoid from its input's)."""
+    bounded = silu_bounded(prepared.graph, plan)
+    sigmoid_of = {s: x for s, x in sigmoid_derived(prepared.graph, plan, cfg).items() if x in bounded}
+    act, choices, float_tensors = {}, {}, {}
+
+    def params_of(name, site, seen=None):
+        seen = st.tensors[name] if seen is None else seen
+        for other in site.merge:  # one scale for a whole Concat group: the range of all its values
+            seen = seen.merge(st.tensors[other])
+        return activation_params(name, seen, site.one_sided, cfg, site.direct)
+
+    def record(name, choice, label=None):
+        if choice is None:
+            float_tensors[name] = "no finite value observed"
+            warnings.warn(f"activation {name}: no finite value in calibration; left float")
+            return
+        if choice.nonfinite:
+            warnings.warn(f"activation {name}: {choice.nonfinite} NaN/Inf values ignored in its range")
+        # a derived range (label) was never measured against a histogram: no clipped share to report
+        choices[name] = replace(choice, method=label, clipped_fraction=float("nan")) if label else choice
+        act[name] = choice.params
+
+    def choose(name, seen, label):
+        record(name, params_of(name, plan.activations[name], seen), label)
+
+    image = prepared.inputs.image
+    own = [(name, site) for name, site in sorted(plan.activations.items())
+           if site.share is None and name not in bounded and name not in sigmoid_of and name != image
+           and name not in plan.regions]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # the searches release the GIL
+        for (name, _), choice in zip(own, pool.map(lambda item: params_of(*item), own)):
+            record(name, choice)
+    site = plan.activations.get(image)
+    if site is not None and site.share is None and image in st.tensors:
+        # every value 8-bit pixels can give, not the calibration images' range (a dark set would clip the
+        # bright pixels of others); with no mean/std the pixels land on the grid exactly
+        choose(image, range_only(*pp.value_range(), st.tensors[image]), "pixel-range")
+    uses = consumers(prepared.graph)
+    graph_outputs = {t.name for t in prepared.graph.outputs}
+
+    def reader_grid(y):
+        """The grid y's readers see: its own, or a fine one where some read it float (they must see what
+        they saw in the float model)."""
+        if y in graph_outputs or float_readers(y, uses.get(y, []), plan):
+            return fine_grid(st.tensors[y].mn, st.tensors[y].mx)
+        return act[y]
+
+    for name, y in sorted(bounded.items()):
+        if y not in act:
+            float_tensors[name] = "its SiLU's output stays float"
+            continue
+        y_seen = st.tensors[y]
+        choose(name, range_only(*silu_input_range(reader_grid(y), y_seen.mx), y_seen), "silu-range")
+    for name, x in sorted(sigmoid_of.items()):
+        if x in act:
+            q = act[x]
+            lo, hi = (sigmoid((v - q.zero_point) * q.scale) for v in (q.qmin, q.qmax))
+            choose(name, range_only(lo, hi, st.tensors[bounded[x]]), "sigmoid-range")
+    opset = prepared.model.opset_import[0].version
+    for name, region in sorted(plan.regions.items()):
+        y = plan.root_site(region.y).tensor if region.y in plan.activations else None
+        x_seen = st.tensors.get(name)
+        if x_seen is None or not x_seen.n_finite:
+            float_tensors[name] = "no finite value observed"
+            continue
+        f = region_function(prepared.graph, region, opset)
+        grid = reader_grid(y) if y in act else None  # None: y is read float only
+        lo, hi = region_input_range(f, grid, float(x_seen.mn), float(x_seen.mx))
+        choose(name, range_only(lo, hi, x_seen), "activation-range")
+    for name, site in plan.activations.items():  # ops that only move values keep their input's parameters
+        if site.share is not None and site.share in act:
+            act[name] = act[site.share]
+    return act, choices, float_tensors
 
 
 def _check_output(out, source):
@@ -447,6 +482,24 @@ def depthwise_tensors(graph) -> dict:
     return out
 
 
+# A depthwise conv's input shares one scale across channels whose ranges can differ a hundredfold; below
+# this predicted SQNR at its output (channel maxima times kernel gains against the shared step) the conv
+# stays float. The maxima overstate each channel's signal, so the margin is wide.
+DEPTHWISE_MIN_SQNR_DB = 30.0
+
+
+def depthwise_input_sqnr_db(tensor, weight, act, stats) -> float:
+    """Predicted SQNR (dB) of a depthwise conv's output from its input's per-tensor step alone: channel c
+    contributes signal (|w_c| max_c)^2 and noise |w_c|^2 step^2 / 12."""
+    chan = stats.channel_max.get(tensor)
+    if tensor not in act or chan is None or not chan.size or weight.shape[0] % chan.size:
+        return float("inf")
+    gain2 = (weight.astype(np.float64).reshape(chan.size, -1) ** 2).sum(axis=1)
+    noise = gain2.sum() * act[tensor].scale ** 2 / 12.0
+    signal = float((gain2 * np.asarray(chan, dtype=np.float64) ** 2).sum())
+    return 10.0 * np.log10(signal / noise) if noise > 0 and signal > 0 else float("inf")
+
+
 def _starved(tensor, act, stats):
     chan = stats.channel_max.get(tensor)
     if tensor not in act or chan is None or not chan.size:
@@ -454,41 +507,24 @@ def _starved(tensor, act, stats):
     return float(np.mean(chan < STARVED_LEVELS * act[tensor].scale))
 
 
-def _keep_starved_depthwise_float(graph, plan, act, stats, report, ranged_from):
-    """Per-tensor scales starve the quiet channels of a depthwise conv's input (or, where the target
-    quantizes conv outputs, of its per-channel BN-scaled output): keep such a conv float.
-
-    A tensor whose range came from one that goes float (the SiLU input of a SiLU output no longer
-    quantized) goes float too: its range was never observed, and clipped to a grid no longer there it
-    starved the very channels this keeps (YOLOX-nano's stem with --quantize-first: -7 mAP50-95)."""
+def starved_depthwise(graph, plan, act, stats) -> dict:
+    """{depthwise conv: why it stays float} where per-tensor scales starve its channels: its input's
+    (or, where the target quantizes conv outputs, its per-channel BN-scaled output's) quiet channels span
+    a few steps, or the input's one scale leaves too little SQNR at the output (depthwise_input_sqnr_db)."""
+    nodes = {n.name: n for n in graph.nodes}
+    out = {}
     for node_name, (x, y) in depthwise_tensors(graph).items():
         if node_name not in plan.weights:
             continue
         starved = max(_starved(x, act, stats), _starved(y, act, stats))
-        if starved <= STARVED_LIMIT:
-            continue
-        del plan.weights[node_name]
-        report.float_nodes[node_name] = (f"depthwise conv: {starved:.0%} of its channels span fewer than "
-                                         f"{STARVED_LEVELS} quantization steps")
-        if y in plan.activations:  # its output stays float too
-            del plan.activations[y]
-            act.pop(y, None)
-        site = plan.activations.get(x)
-        if site is None:
-            continue
-        readers = site.consumers if site.consumers is not None else [
-            n.name for n in graph.nodes if any(t is not None and t.name == x for t in n.inputs)]
-        site.consumers = [c for c in readers if c != node_name]
-        if not site.consumers:
-            del plan.activations[x]
-            act.pop(x, None)
-    gone = True
-    while gone:
-        gone = [t for t, source in ranged_from.items() if t in act and source not in act]
-        for t in gone:
-            del act[t]
-            plan.activations.pop(t, None)
-            report.float_tensors[t] = f"its range came from {ranged_from[t]}, which stays float"
+        sqnr = depthwise_input_sqnr_db(x, nodes[node_name].inputs[1].values, act, stats)
+        if starved > STARVED_LIMIT:
+            out[node_name] = (f"depthwise conv: {starved:.0%} of its channels span fewer than {STARVED_LEVELS} "
+                              "quantization steps")
+        elif sqnr < DEPTHWISE_MIN_SQNR_DB:
+            out[node_name] = (f"depthwise conv: one input scale over its channels leaves {sqnr:.0f} dB at its "
+                              f"output (predicted; below {DEPTHWISE_MIN_SQNR_DB:.0f})")
+    return out
 
 
 def _bias_scale_floor(node, act, channels):

@@ -144,6 +144,53 @@ def silu_input_range(y: QParams, y_max: float):
     return lo, min(hi, _bisect(lambda t: _silu(t) - y_max, 0.0, y_max + 50.0))
 
 
+REGION_SWEEP = 1 << 17  # points over x's observed range: finer than 1/500 of the step x then gets
+
+
+def quantized_levels(values: np.ndarray, y: QParams) -> np.ndarray:
+    """The integer levels `values` take on y's grid (round half to even, as QuantizeLinear)."""
+    return np.clip(np.round(values / y.scale) + y.zero_point, y.qmin, y.qmax)
+
+
+def region_input_range(f, y: QParams | None, x_lo: float, x_hi: float):
+    """(lo, hi) within x's observed [x_lo, x_hi]: the narrowest range to clip x to that changes no
+    quantized value of y = f(x) on y's grid, f any elementwise function (an activation region). With no
+    grid (y is read float only) a grid as fine as float readers need, over what f gives on that range.
+
+    Below lo every x gives the level f(lo) gives, and above hi the level of f(hi): a HardSwish's input
+    observed from -500 to 12 needs only about -3.5 to 12, where MinMax would give it a step of 2."""
+    if not (x_hi > x_lo):
+        return x_lo, x_hi
+    xs = np.linspace(x_lo, x_hi, REGION_SWEEP, dtype=np.float64).astype(np.float32)
+    with np.errstate(all="ignore"):
+        values = f(xs).astype(np.float64)
+        if y is None:
+            finite = values[np.isfinite(values)]
+            y = fine_grid(finite.min(), finite.max()) if finite.size else fine_grid(0.0, 1.0)
+        levels = quantized_levels(values, y)
+    changes = np.flatnonzero(levels != levels[0])
+    if changes.size == 0:  # y takes one level over all of x's range: nothing to keep
+        return float(xs[0]), float(xs[0])
+    lo = float(xs[changes[0] - 1])
+    last = np.flatnonzero(levels != levels[-1])
+    hi = float(xs[last[-1] + 1])
+    return lo, hi
+
+
+# Float readers of an activation see its values unquantized: a range derived for them keeps y within
+# 1/65535 of its observed range, which no float reader can tell from the original.
+FLOAT_READER_LEVELS = 65535
+
+
+def fine_grid(lo: float, hi: float) -> QParams:
+    """A grid over [lo, hi] (zero included) as fine as float readers need: what a range derived from it
+    changes, they do not see."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / FLOAT_READER_LEVELS if hi > lo else 1.0
+    zp = int(round(-lo / scale))
+    return QParams(scale=scale, zero_point=zp, dtype=np.uint16, qmin=0, qmax=FLOAT_READER_LEVELS)
+
+
 def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True) -> RangeChoice | None:
     """Parameters for one activation tensor; None if it has no finite value (it stays float)."""
     if hist.n_finite == 0:

@@ -91,7 +91,8 @@ def test_w8a8_uh_stays_close_to_fp32_on_unseen_images(name, tmp_path):
     for batch in iter_batches(paths, inputs.hw, report.preprocess):
         feed = {inputs.image: batch.images}
         for a, b in zip(f_run(feed), q_run(feed)):
-            assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+            if not family.nms_in_graph:  # a top-K list's low-score rows come in any order: detections below
+                assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
         (fb, fs, fc), = detect_image(f_run, family, inputs, batch)
         (qb, qs, qc), = detect_image(q_run, family, inputs, batch)
         for box, cls in zip(fb[fs > 0.5], fc[fs > 0.5]):
@@ -119,9 +120,12 @@ def test_ort_target_runs_every_quantized_conv_as_an_integer_kernel(tmp_path):
     by_name = {a.tensor: a for a in report.activations}
     convs = [a for a in report.activations if a.tensor.endswith(".conv")]
     assert len(convs) == 56
-    # ...except where only a float head conv reads the SiLU (the last C3, read by Detect's P5 conv): no grid
-    # there to take a range from, so the conv output is observed
+    # ...except where only a float head conv reads the SiLU (the last C3, read by Detect's P5 conv): its
+    # range is the narrowest that changes nothing that float reader sees, over the observed range
+    p5 = by_name["model.23.cv3.conv"]
     assert [a.tensor for a in convs if a.method != "silu-range"] == ["model.23.cv3.conv"]
+    assert p5.method == "activation-range" and p5.clip[1] == pytest.approx(p5.observed[1], rel=1e-3)
+    assert p5.observed[0] <= p5.clip[0] < -5  # where SiLU(x) is within 1/65535 of its range from 0
     first, y = by_name["model.1.conv"], by_name["model.1.act.silu"]
     assert (first.clip[0], first.clip[1]) == silu_input_range(y.params, y.observed[1])
     assert -4 < first.clip[0] < -1.2784 and first.clip[1] <= y.observed[1] + 0.28
@@ -529,5 +533,10 @@ def test_a_silu_input_takes_its_range_from_the_output_grid_only_while_there_is_o
     silu_ranged = {c.tensor for c in report.activations if c.method == "silu-range"}
     assert len(silu_ranged) > 20 and silu_ranged <= set(pairs) and silu_ranged <= quantized
     assert [x for x in silu_ranged if pairs[x] not in quantized] == []
-    # the stem's SiLU output went float with the depthwise conv reading it; so did the stem conv's output
-    assert [t for t, why in report.float_tensors.items() if "range came from" in why]
+    # the stem's SiLU output went float with the depthwise conv reading it: the stem conv's output then keeps
+    # every value that float reader sees (its top is the observed maximum), not a range from a grid gone
+    by_name = {c.tensor: c for c in report.activations}
+    float_read = [c for c in report.activations if c.method == "activation-range" and c.tensor in pairs
+                  and pairs[c.tensor] not in quantized]
+    assert float_read and all(c.clip[1] == pytest.approx(c.observed[1], rel=1e-3) for c in float_read)
+    assert all(by_name.get(pairs[c.tensor]) is None for c in float_read)

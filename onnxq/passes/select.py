@@ -13,6 +13,7 @@ import onnx_graphsurgeon as gs
 from ..errors import UsageError
 from .graph import COMPUTE_OPS, LAYOUT_OPS, consumers, producer, weight_of
 from .head import Head, find_head
+from .regions import find_region, unknown_reader
 
 _MERGE_OPS = ("Concat", "Add", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Resize")
 # Activations after which a tensor is one-sided (bounded below near zero): Q-YOLO's UH applies there.
@@ -47,6 +48,9 @@ class QuantPlan:
     float_nodes: dict = field(default_factory=dict)  # compute node name -> why it stays float
     head: Head = field(default_factory=Head)
     reads_image: set = field(default_factory=set)  # quantized compute nodes that read the image (first layer)
+    # pre-activation tensor -> its activation Region: its range is derived from the region output's grid
+    regions: dict = field(default_factory=dict)
+    float_tensors: dict = field(default_factory=dict)  # tensors a rule left float, and why
 
     def calibration_tensors(self):
         """Tensors calibration must observe: shared-parameter sites copy another tensor's range, unless their
@@ -166,8 +170,10 @@ def _excluded(node, compiled) -> str | None:
     return None
 
 
-def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, exclude=()) -> QuantPlan:
-    """keep_first / keep_head: keep the first conv / the head's output convs float (None: the target's choice)."""
+def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, exclude=(),
+                      float_nodes=None) -> QuantPlan:
+    """keep_first / keep_head: keep the first conv / the head's output convs float (None: the target's choice).
+    float_nodes: {compute node: why} decided from statistics (a starved depthwise conv) to keep float too."""
     keep_first = not target.quantize_first if keep_first is None else keep_first
     keep_head = not target.quantize_head if keep_head is None else keep_head
     head = find_head(graph)
@@ -199,6 +205,9 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
             # QuantizeLinear/DequantizeLinear here carry float32 scales and outputs (a float16 layer would
             # need its own); a model exported with float16 layers is quantized from its float32 export
             plan.float_nodes[node.name] = f"{w.values.dtype} weights (onnxq quantizes float32 layers)"
+            continue
+        if float_nodes and node.name in float_nodes:
+            plan.float_nodes[node.name] = float_nodes[node.name]
             continue
         if keep_head and node.name in head_outputs:
             plan.float_nodes[node.name] = "head output conv (kept float, Q-YOLO)"
@@ -270,6 +279,11 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
             keep = [r.name for r in readers if r.name not in plan.float_nodes and r.name not in head.tail]
             if len(keep) != len(readers):
                 site.consumers = keep
+    if target.int8_elementwise:
+        _drop_int8_ops_read_only_float(graph, plan)
+
+    if target.quantize_conv_outputs:
+        _bound_pre_activations(graph, plan, uses, graph_outputs, set(float_nodes or ()))
 
     if target.quantize_add_inputs:
         for node in graph.nodes:
@@ -493,7 +507,19 @@ def _propagate_int8(graph, plan, target, add_site, uses, graph_outputs):
     onnxruntime then runs them as QLinearSigmoid/QLinearMul/QLinearAdd/QLinearConcat (or drops the
     Q/DQ around MaxPool/Resize) and keeps int8 between Convs instead of float islands.
     """
+    # an activation region after a quantized conv output (HardSwish as Add, Clip, Mul, Div) runs as one
+    # op: its output is quantized too, so that int8 carries on past it (Concat, SE gates' Mul)
+    region_ends, tensors = {}, graph.tensors()
+    for name, site in list(plan.activations.items()):
+        if site.role == "output":
+            region = find_region(graph, name, uses, graph_outputs)
+            if region is not None:
+                region_ends[producer(tensors[region.y]).name] = region
     for node in graph.nodes:
+        region = region_ends.get(node.name)
+        if region is not None and region.x in plan.activations and node.name not in plan.head.tail:
+            add_site(node.outputs[0], None, "elementwise")
+            continue
         if node.op not in target.int8_elementwise or node.name in plan.head.tail:
             continue
         if node.op in _SAME_SCALE_OPS:
@@ -513,3 +539,96 @@ def _propagate_int8(graph, plan, target, add_site, uses, graph_outputs):
             add_site(o, None, "elementwise")  # (not for a MaxPool's int64 Indices: add_site skips it)
             if node.op in _SAME_SCALE_OPS and o.name in plan.activations:
                 plan.activations[o.name].share = values[0].name
+
+
+def _bound_pre_activations(graph, plan, uses, graph_outputs, exact_readers=frozenset()):
+    """A quantized conv output read by an activation takes its range from the activation's output grid
+    (ranges.region_input_range), never MinMax over an unbounded pre-activation (a HardSwish input spans
+    -500..12); where the output is read float only, from a grid as fine as float readers need. Ops inside
+    the region run in float between x's DQ and y's Q. Where x is read by an op whose effect onnxq cannot
+    evaluate, x stays float; so does x where the activation's output reaches a conv kept float because one
+    scale starves its channels (exact_readers): per-tensor rounding upstream would starve them the same."""
+    silu = silu_inputs(graph)
+    shared = {s.share for s in plan.activations.values() if s.share is not None}
+    shared |= {m for s in plan.activations.values() for m in s.merge}
+    for name, site in list(plan.activations.items()):
+        if site.role != "output" or name in shared or site.merge:
+            continue
+        region = find_region(graph, name, uses, graph_outputs)
+        if name not in silu:
+            odd = unknown_reader(name, uses, region)
+            if odd is not None:
+                _leave_float(plan, name, f"read by {odd.op} {odd.name}, an op whose effect on x's range onnxq "
+                                         "cannot evaluate")
+                continue
+        if region is None:
+            continue  # x is a value read as it is: its own range
+        y_site = plan.activations.get(region.y)
+        y_float = y_site is None or (y_site.consumers is not None and not y_site.consumers)
+        if name in silu and not y_float:
+            continue  # ranges.silu_input_range, from the SiLU output's grid (x need not be observed)
+        starved = _reaches(region.y, exact_readers, uses) if y_float else None
+        if starved is not None:
+            for t in region.inner:
+                plan.activations.pop(t, None)
+            _leave_float(plan, name, f"its activation's output feeds {starved}, kept float: one scale starves "
+                                     "its channels")
+            continue
+        for t in region.inner:  # the region runs in float between x's DQ and y's Q
+            plan.activations.pop(t, None)
+        plan.regions[name] = region
+
+
+def _reaches(tensor, names, uses, depth=4):
+    """The first node of `names` that reads `tensor`, directly or through value-moving ops, or None."""
+    stack = [(tensor, 0)]
+    while stack and names:
+        t, d = stack.pop()
+        for r in uses.get(t, []):
+            if r.name in names:
+                return r.name
+            if d < depth and r.op in LAYOUT_OPS:
+                stack.extend((o.name, d + 1) for o in r.outputs)
+    return None
+
+
+def _leave_float(plan, tensor, why):
+    del plan.activations[tensor]
+    plan.float_tensors[tensor] = why
+
+
+def float_readers(tensor: str, graph_readers: list, plan) -> bool:
+    """Some reader of `tensor` reads its float value (it is a graph output, or a reader is not among its
+    quantized consumers): such readers must see what they saw in the float model."""
+    site = plan.activations.get(tensor)
+    if site is None:
+        return True
+    if site.consumers is None:
+        return False
+    return any(r.name not in site.consumers for r in graph_readers)
+
+
+def _drop_int8_ops_read_only_float(graph, plan):
+    """An int8 op (a Concat, a Mul) whose output no quantized op reads would only hand its float readers
+    values rounded on its inputs' grids: it runs in float on float inputs instead, back to where int8 is
+    read (a float depthwise conv behind a Concat reads the values it saw in the float model)."""
+    tensors = graph.tensors()
+    changed = True
+    while changed:
+        changed = False
+        for name, site in list(plan.activations.items()):
+            if site.role != "elementwise" or site.consumers is None or site.consumers:
+                continue
+            if any(s.share == name or name in s.merge for s in plan.activations.values()):
+                continue
+            node = producer(tensors[name])
+            del plan.activations[name]
+            changed = True
+            for t in node.inputs if node is not None else ():
+                inp = plan.activations.get(t.name) if t is not None else None
+                if inp is None or inp.role == "output":
+                    continue  # a conv output keeps its Q (QLinearConv); its readers read its DQ as before
+                if inp.consumers is None:
+                    inp.consumers = [r.name for r in t.outputs if r.name not in plan.float_nodes
+                                     and r.name not in plan.head.tail]
+                inp.consumers = [c for c in inp.consumers if c != node.name]
