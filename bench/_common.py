@@ -13,8 +13,11 @@ SHARED = Path(os.environ.get("ONNXQ_SHARED", REPO.parent / "shared")).resolve()
 MODELS = SHARED / "models"
 CALIB = SHARED / "data" / "coco128_train2017"
 VAL = SHARED / "data" / "coco_val2017_first128"
+# COCO val2017 subsets with disjoint image ids: scored together as one set of 628 images
+VAL_SETS = {"first128": VAL, "more500": SHARED / "data" / "coco_val2017_more500"}
 RESULTS = REPO / "bench" / "results"
 
+# short names of the first models; any other model in MODELS goes by its file stem
 MODEL_FILES = {
     "yolov5n": "yolov5n_v6.1_640.onnx",
     "yolov8n": "yolov8n_from-int8_640.onnx",
@@ -25,11 +28,28 @@ MODEL_FILES = {
 }
 
 
+def model_keys():
+    """A key for every .onnx file in MODELS: its short name where it has one, else its stem."""
+    short = {v: k for k, v in MODEL_FILES.items()}
+    return [short.get(p.name, p.stem) for p in sorted(MODELS.glob("*.onnx"))]
+
+
 def model_path(key):
-    path = MODELS / MODEL_FILES[key]
+    name = MODEL_FILES.get(key, key if key.endswith(".onnx") else f"{key}.onnx")
+    path = MODELS / name
     if not path.exists():
-        sys.exit(f"{path} is missing: set ONNXQ_SHARED to the folder holding models/ and data/")
+        sys.exit(f"{path} is missing: set ONNXQ_SHARED to the folder holding models/ and data/, or name one of "
+                 f"{', '.join(model_keys())}")
     return path
+
+
+def val_dirs(names):
+    """The COCO folders of --val-sets names; each must be there."""
+    dirs = [VAL_SETS[n] for n in names]
+    for d in dirs:
+        if not (d / "instances.json").exists():
+            sys.exit(f"{d} is missing: set ONNXQ_SHARED to the folder holding models/ and data/")
+    return dirs
 
 
 def machine():

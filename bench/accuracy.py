@@ -1,6 +1,10 @@
 """The accuracy table: COCO mAP before and after quantization, onnxq against the peers.
 
-Calibrate on coco128_train2017 (128 images), evaluate on coco_val2017_first128.
+Calibrate on coco128_train2017 (128 images), evaluate on coco_val2017_first128 and
+coco_val2017_more500 scored together (628 images, --val-sets), under both scoring
+protocols of `onnxq eval` (val: Ultralytics multi-label, NMS IoU 0.7; deploy: one class
+per box, NMS IoU 0.65). Every model in the shared models folder by default; each one's
+preprocessing comes from its detected output family.
 One `onnxq calibrate` pass per model serves every method and bit width
 (quantize --stats), with the calibration images also used for bias correction.
 Rows: FP32; onnxq minmax/percentile/mse/entropy/uh at W8A8, W6A6, W4A4
@@ -10,7 +14,8 @@ placement (openvino: every conv int8; ort; tensorrt); onnxruntime
 quantize_static (QDQ, per-channel; MinMax, Percentile, Entropy) and
 nncf.quantize defaults.
 
-    python bench/accuracy.py [--models yolov5n yolov8n yolox_nano] [--methods ...] [--no-peers]
+    python bench/accuracy.py [--models yolov5n picodet_s_320_esnet ...] [--methods ...] [--no-peers]
+    python bench/accuracy.py --quick --models fastestdet     # FP32 and uh W8A8 only: a check that it runs
 """
 
 import argparse
@@ -80,10 +85,19 @@ def _peer_nncf(model, out, pp, n):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["yolov5n", "yolov8n", "yolox_nano"])
-    ap.add_argument("--images", type=int, default=128, help="calibration images")
-    ap.add_argument("--eval-images", type=int, default=None, help="evaluate on the first N val images")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help=f"default: every model in {C.MODELS} ({', '.join(C.model_keys())})")
+    ap.add_argument("--images", type=int, default=None, help="calibration images (default 128; 16 with --quick)")
+    ap.add_argument("--val-sets", nargs="+", default=list(C.VAL_SETS), choices=list(C.VAL_SETS),
+                    help="COCO folders scored together (default: all of them)")
+    ap.add_argument("--eval-images", type=int, default=None,
+                    help="evaluate on the first N val images by id (default all; 32 with --quick)")
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--bits", nargs="+", default=[f"W{w}A{a}" for w, a in BITS],
+                    choices=[f"W{w}A{a}" for w, a in BITS], help="bit widths of the method rows")
+    ap.add_argument("--quick", action="store_true",
+                    help="FP32 and onnxq uh W8A8 (qyolo placement) only, 16 calibration images, 32 val images, "
+                         "no peers, no plot: checks that the bench runs")
     ap.add_argument("--peer-methods", nargs="+", default=["minmax", "percentile", "entropy"],
                     choices=["minmax", "percentile", "entropy"],
                     help="onnxruntime calibrators (Percentile/Entropy need ~18 GB for 128 images at 640)")
@@ -92,9 +106,17 @@ def main():
                     help="onnxq rows of these placements (the method rows are qyolo's)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peers-only", action="store_true", help="FP32 and the peers only")
-    ap.add_argument("--json", default=str(C.RESULTS / "accuracy.json"))
+    ap.add_argument("--json", default=None, help="default results/accuracy.json (accuracy_quick.json with --quick)")
     ap.add_argument("--plot", default=str(C.RESULTS / "accuracy.png"))
     args = ap.parse_args()
+    if args.quick:
+        args.methods, args.bits, args.targets, args.no_peers, args.plot = ["uh"], ["W8A8"], ["qyolo"], True, None
+        args.images = args.images or 16
+        args.eval_images = args.eval_images or 32
+    args.images = args.images or 128
+    args.json = args.json or str(C.RESULTS / ("accuracy_quick.json" if args.quick else "accuracy.json"))
+    models = args.models or C.model_keys()
+    val_dirs = C.val_dirs(args.val_sets)
 
     from onnxq.api import collect_stats, quantize_with_report
     from onnxq.evaluate.coco import evaluate_model
@@ -102,17 +124,27 @@ def main():
 
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="onnxq-acc-"))
+    n_images = {}
 
     def evaluate(key, label, path, **extra):
-        r = evaluate_model(path, C.VAL, progress=False, num_images=args.eval_images)
-        row = {"model": key, "config": label, "map50_95": r["map50_95"], "map50": r["map50"], **extra}
+        r = evaluate_model(path, val_dirs, progress=False, num_images=args.eval_images)
+        deploy = r["protocols"]["deploy"]
+        row = {"model": key, "config": label, "family": r["family"], "preprocess": r["preprocess_text"],
+               "images": r["images"], "map50_95": r["map50_95"], "map50": r["map50"],
+               "deploy_map50_95": deploy["map50_95"], "deploy_map50": deploy["map50"], **extra}
+        n_images[r["images"]] = True
         results.append(row)
-        print(f"{key:10s} {label:34s} {r['map50_95']:6.2f} {r['map50']:6.2f}", file=sys.stderr, flush=True)
+        print(f"{key:22s} {label:34s} val {r['map50_95']:6.2f} {r['map50']:6.2f}  deploy {deploy['map50_95']:6.2f} "
+              f"{deploy['map50']:6.2f}", file=sys.stderr, flush=True)
         return row
 
-    for key in args.models:
+    for key in models:
         model = C.model_path(key)
-        fp32 = evaluate(key, "FP32", model)
+        try:
+            fp32 = evaluate(key, "FP32", model)
+        except Exception as exc:  # noqa: BLE001 - a model that cannot be scored is a row, not the end of the table
+            results.append({"model": key, "config": "FP32", "error": str(exc)[:200]})
+            continue
         t0 = time.perf_counter()
         if not args.peers_only:
             stats, _ = collect_stats(model, C.CALIB / "images", num_images=args.images)
@@ -123,25 +155,30 @@ def main():
         methods = args.methods
         # the method rows use Q-YOLO's placement: Q/DQ on Conv inputs, first and head convs float
         qyolo = dict(target="qyolo")
-        for w, a in BITS:
+        for w, a in [(w, a) for w, a in BITS if f"W{w}A{a}" in args.bits]:
             for m in methods:
                 configs.append((f"onnxq {m} W{w}A{a}", dict(method=m, w_bits=w, a_bits=a, **qyolo)))
-        for w, a in [(6, 6), (4, 4)]:
+        for w, a in [(w, a) for w, a in [(6, 6), (4, 4)] if f"W{w}A{a}" in args.bits]:
             configs.append((f"onnxq uh W{w}A{a} symmetric", dict(method="uh", w_bits=w, a_bits=a, symmetric=True,
                                                                  **qyolo)))
-        configs.append(("onnxq uh W8A8 --target openvino", dict(method="uh", target="openvino")))
-        configs.append(("onnxq uh W8A8 --target ort", dict(method="uh", target="ort")))
-        configs.append(("onnxq uh W8A8 --target tensorrt", dict(method="uh", target="tensorrt")))
+        if "uh" in methods and "W8A8" in args.bits:
+            configs.append(("onnxq uh W8A8 --target openvino", dict(method="uh", target="openvino")))
+            configs.append(("onnxq uh W8A8 --target ort", dict(method="uh", target="ort")))
+            configs.append(("onnxq uh W8A8 --target tensorrt", dict(method="uh", target="tensorrt")))
         configs = [(label, opts) for label, opts in configs if opts["target"] in args.targets]
         if args.peers_only:
             configs = []
         pp = None
         for label, opts in configs:
-            q, report = quantize_with_report(model, C.CALIB / "images", stats=stats_path, num_images=args.images, **opts)
-            pp = report.preprocess
-            out = tmp / f"{key}-{label.replace(' ', '_').replace('-', '')}.onnx"
-            save_model(q, out)
-            evaluate(key, label, out, bits=label.split()[2] if "W" in label else "")
+            try:
+                q, report = quantize_with_report(model, C.CALIB / "images", stats=stats_path, num_images=args.images,
+                                                 **opts)
+                pp = report.preprocess
+                out = tmp / f"{key}-{label.replace(' ', '_').replace('-', '')}.onnx"
+                save_model(q, out)
+                evaluate(key, label, out, bits=label.split()[2] if "W" in label else "")
+            except Exception as exc:  # noqa: BLE001 - one configuration failing is a result too
+                results.append({"model": key, "config": label, "error": str(exc)[:200]})
         if not args.no_peers:
             if pp is None:
                 from onnxq.api import prepare_model, resolve_preprocess
@@ -164,20 +201,32 @@ def main():
         for r in results:
             if r["model"] == key and "map50_95" in r:
                 r["drop"] = r["map50_95"] - fp32["map50_95"]
+                r["deploy_drop"] = r["deploy_map50_95"] - fp32["deploy_map50_95"]
         if not args.peers_only:
             print(f"{key}: calibration (all statistics, {args.images} images) {calib_seconds:.1f} s", file=sys.stderr)
 
-    rows = [[r["model"], r["config"], f"{r['map50_95']:.2f}", f"{r['map50']:.2f}", f"{r['drop']:+.2f}"]
-            if "map50_95" in r else [r["model"], r["config"], "error", "-", r["error"][:60]] for r in results]
-    print(f"COCO mAP, calibrated on coco128_train2017 ({args.images} images), evaluated on coco_val2017_first128 "
-          f"({C.stamp()})\n")
-    print(C.markdown_table(rows, ["model", "configuration", "mAP50-95", "mAP50", "drop vs FP32"]))
-    C.write_json(args.json, {"stamp": C.stamp(), "results": results})
-    try:
-        _plot(results, args.plot)
-        print(f"\nplot: {args.plot}")
-    except ImportError:
-        pass
+    rows = [[r["model"], r["config"], f"{r['map50_95']:.2f}", f"{r['map50']:.2f}", f"{r['drop']:+.2f}",
+             f"{r['deploy_map50_95']:.2f}", f"{r['deploy_map50']:.2f}", f"{r['deploy_drop']:+.2f}"]
+            if "map50_95" in r else [r["model"], r["config"], "error", "-", "-", "-", "-", r["error"][:60]]
+            for r in results]
+    images = "/".join(str(n) for n in sorted(n_images)) or "no"
+    sets = " + ".join(C.VAL_SETS[n].name for n in args.val_sets)
+    print(f"COCO mAP, calibrated on coco128_train2017 ({args.images} images), evaluated on {sets} ({images} images) "
+          f"({C.stamp()})\nval: Ultralytics protocol (every class above conf 0.001, class-aware NMS IoU 0.7); deploy: "
+          f"one class per box, class-aware NMS IoU 0.65\n")
+    print(C.markdown_table(rows, ["model", "configuration", "val mAP50-95", "val mAP50", "val drop",
+                                  "deploy mAP50-95", "deploy mAP50", "deploy drop"]))
+    C.write_json(args.json, {"stamp": C.stamp(), "val_sets": [str(C.VAL_SETS[n]) for n in args.val_sets],
+                             "calibration_images": args.images, "eval_images": args.eval_images,
+                             "protocols": {"val": "multi-label, class-aware NMS IoU 0.7",
+                                           "deploy": "one class per box, class-aware NMS IoU 0.65"},
+                             "results": results})
+    if args.plot:
+        try:
+            _plot(results, args.plot)
+            print(f"\nplot: {args.plot}")
+        except ImportError:
+            pass
 
 
 def _plot(results, path):
@@ -186,7 +235,7 @@ def _plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in results})
+    models = sorted({r["model"] for r in results if r["config"] == "FP32" and "map50_95" in r})
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, key in zip(axes[0], models):
         fp32 = next(r["map50_95"] for r in results if r["model"] == key and r["config"] == "FP32")

@@ -111,6 +111,11 @@ PRESETS = {
     "nanodet": Preprocess(order="bgr", scale=1.0, mean=(103.53, 116.28, 123.675), std=(57.375, 57.12, 58.395),
                           resize="stretch"),
     "fastestdet": Preprocess(order="bgr", scale=255.0, resize="stretch"),
+    # PaddleDetection's PicoDet reader: RGB, NormalizeImage with ImageNet mean/std, Resize keep_ratio False
+    "picodet": Preprocess(order="rgb", scale=255.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                          resize="stretch"),
+    # darknet's network input: RGB scaled to 0-1, plain resize
+    "darknet": Preprocess(order="rgb", scale=255.0, resize="stretch"),
 }
 
 

@@ -48,7 +48,8 @@ def add_preprocess_arguments(parser):
     # no `choices`: preprocess_from_args names the presets in a one-line UsageError
     g.add_argument("--preset", metavar="NAME", help="ultralytics (RGB /255 centred letterbox), yolox (BGR 0-255 "
                                                     "top-left letterbox), nanodet (BGR mean/std stretch), "
-                                                    "fastestdet (BGR /255 stretch)")
+                                                    "fastestdet (BGR /255 stretch), picodet (RGB /255 ImageNet "
+                                                    "mean/std stretch), darknet (RGB /255 stretch)")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--bgr", dest="order", action="store_const", const="bgr", help="feed BGR")
     order.add_argument("--rgb", dest="order", action="store_const", const="rgb", help="feed RGB")

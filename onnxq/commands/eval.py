@@ -16,10 +16,12 @@ from .common import (
 )
 
 DESCRIPTION = """Run a float or quantized detector over the images of a COCO-format folder and score it with
-pycocotools (COCOeval 'bbox'). Ultralytics validation settings: every (box, class) pair scoring above
-conf 0.001 is a candidate, the 30000 best enter class-aware NMS at IoU 0.7, and at most 300 detections
-per image are kept. Models with NMS in the graph keep their own detections (capped at 300).
-Preprocessing: the flags, else the model's onnxq metadata, else the detected family's preset."""
+pycocotools (COCOeval 'bbox') under two protocols, from one run of the model. val (Ultralytics validation
+settings): every (box, class) pair scoring above conf 0.001 is a candidate, the 30000 best enter class-aware
+NMS at IoU 0.7, and at most 300 detections per image are kept. deploy: one class per box (its best class,
+scored by that class), class-aware NMS at IoU 0.65, the same conf and caps. Models with NMS in the graph keep
+their own detections (capped at 300) under both. Preprocessing: the flags, else the model's onnxq metadata,
+else the detected family's preset (the table says where it came from, and when it is a guess)."""
 
 
 def register(sub):
@@ -32,6 +34,9 @@ def register(sub):
                    help="onnxruntime CPU, OpenVINO CPU (f32 precision hint), or reference: onnxruntime running "
                         "the Q/DQ nodes as written, in float (the same on every CPU, slower) (default ort)")
     p.add_argument("--family", choices=list(FAMILIES), help="output layout (default: detected from the graph)")
+    p.add_argument("--anchors", metavar="W,H,W,H,...",
+                   help="anchors of raw darknet YOLO heads in input pixels, split evenly over the heads, smallest "
+                        "stride first (default: the model's yolo_layers metadata)")
     p.add_argument("--num-images", type=int, metavar="N", help="only the first N annotated images (by id)")
     p.add_argument("--threads", type=int, metavar="N", help="runtime threads")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
@@ -44,6 +49,7 @@ def register(sub):
 
 
 def run(args):
+    from ..evaluate.families import parse_anchors
     from ..evaluate.pipeline import evaluate_model
     from ..model import parse_input_values
     from ..preprocess import imgsz_from_args, preprocess_from_args
@@ -57,13 +63,17 @@ def run(args):
                        imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input),
                        num_images=positive("--num-images", args.num_images),
                        threads=positive("--threads", args.threads), progress=not args.no_progress,
-                       save_dets=args.save_dets)
+                       save_dets=args.save_dets, anchors=parse_anchors(args.anchors) if args.anchors else None)
     source = pp_source if pp is not None else r["preprocess_source"]
     r["preprocess_source"] = source
-    print_table([[r["model"], r["runtime"], r["preprocess_text"], source, r["family"], r["images"],
-                  f"{r['map50_95']:.2f}", f"{r['map50']:.2f}"]],
-                ["model", "runtime", "preprocessing", "from", "family", "images", "mAP50-95", "mAP50"])
-    print(f"{r['detections']} detections in {r['seconds']:.1f} s"
+    print_table([[r["model"], r["runtime"], r["preprocess_text"], source, r["family"], r["images"]]],
+                ["model", "runtime", "preprocessing", "from", "family", "images"])
+    print()
+    settings = r["settings"]["protocols"]
+    print_table([[name, _nms_text(settings[name], r["settings"]["nms_in_graph"]), f"{p['map50_95']:.2f}",
+                  f"{p['map50']:.2f}", p["detections"]] for name, p in r["protocols"].items()],
+                ["protocol", "candidates and NMS", "mAP50-95", "mAP50", "detections"])
+    print(f"{r['images']} images in {r['seconds']:.1f} s"
           + (f"; {len(r['skipped'])} unreadable images skipped" if r["skipped"] else ""))
     if r["missing_images"]:
         print(f"note: {r['missing_images']} annotated images are not in the image folder: the figures are over "
@@ -74,6 +84,13 @@ def run(args):
     if args.json:
         write_json(args.json, r)
     return 0
+
+
+def _nms_text(protocol, nms_in_graph) -> str:
+    if nms_in_graph:
+        return "the graph's own detections"
+    labels = "every class above conf" if protocol["multi_label"] else "best class per box"
+    return f"{labels}, class-aware NMS IoU {protocol['iou']:g}"
 
 
 def _saturation_note(model_path, runtime):

@@ -23,6 +23,39 @@ def _shape(vi):
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in vi.type.tensor_type.shape.dim]
 
 
+def _family_details(family):
+    """What eval's decoder will read: outputs, strides, classes, anchors; what it lacks, if anything."""
+    if family is None:
+        return None
+    d = {"outputs": list(family.outputs), "strides": list(family.strides), "num_classes": family.num_classes}
+    if family.layout:
+        d = {"outputs": list(family.outputs), "layout": family.layout}
+    if family.anchors:
+        d["anchors"] = {str(k): [list(a) for a in v] for k, v in family.anchors.items()}
+        if family.anchors_from:
+            d["anchors_from"] = family.anchors_from
+    if family.scale_xy and any(v != 1 for v in family.scale_xy.values()):
+        d["scale_x_y"] = {str(k): v for k, v in family.scale_xy.items()}
+    if family.missing:
+        d["missing"] = family.missing
+    return d
+
+
+def _family_text(info) -> str:
+    d = info["family_details"]
+    if d is None:
+        return "unknown (eval needs --family NAME)"
+    if "layout" in d:
+        parts = [f"layout {d['layout']}"]
+    else:
+        parts = [f"strides {','.join(map(str, d['strides']))}", f"{d['num_classes']} classes"]
+    if d.get("anchors_from"):
+        parts.append(f"anchors from {d['anchors_from']}")
+    if d.get("missing"):
+        parts.append(f"eval cannot decode it yet: {d['missing']}")
+    return f"{info['family']} ({'; '.join(parts)})"
+
+
 def describe(model_path, target="ort", imgsz=None, input_values=None, keep_first=None, keep_head=None, exclude=(),
              overflow_fix=None) -> dict:
     """What quantize would see and touch, with quantize's placement options (None: the target's choice)."""
@@ -41,10 +74,12 @@ def describe(model_path, target="ort", imgsz=None, input_values=None, keep_first
     plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
     overflow_fix = tgt.overflow_fix if overflow_fix is None else overflow_fix
     try:
-        from ..evaluate.families import detect_family_or_none
+        from ..evaluate.families import detect_family_or_none, preset_source
         family = detect_family_or_none(prepared.model, prepared.inputs.hw)
     except ImportError:
         family = None
+    if family is not None and pp_source == f"preset {family.preset} (detected {family.name} outputs)":
+        pp_source = preset_source(family, {p.key: p.value for p in src.metadata_props})  # says when it is a guess
     init = {i.name for i in src.graph.initializer}
     tail_ops = collections.Counter(n.op for n in prepared.graph.nodes if n.name in plan.head.tail)
     return {
@@ -60,6 +95,7 @@ def describe(model_path, target="ort", imgsz=None, input_values=None, keep_first
         "op_counts": dict(collections.Counter(n.op_type for n in src.graph.node).most_common()),
         "metadata": {p.key: p.value for p in src.metadata_props},
         "family": family.name if family is not None else None,
+        "family_details": _family_details(family),
         "preprocess": pp.to_dict(),
         "preprocess_description": pp.describe(),
         "preprocess_source": pp_source,
@@ -89,7 +125,7 @@ def run(args):
         print(f"input      {i['name']} {i['shape']} {i['type']}")
     for o in info["outputs"]:
         print(f"output     {o['name']} {o['shape']}")
-    print(f"family     {info['family'] or 'unknown'}")
+    print(f"family     {_family_text(info)}")
     print(f"preprocess {info['preprocess_description']}  ({info['preprocess_source']})")
     ops = ", ".join(f"{k} {v}" for k, v in info["op_counts"].items())
     print(f"ops        {ops}")

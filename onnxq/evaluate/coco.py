@@ -48,17 +48,68 @@ def category_map(gt, num_classes, ann="instances.json") -> list:
     raise OnnxqError(f"{ann}: {len(ids)} categories, but the model predicts {num_classes} classes")
 
 
-def image_index(gt, images_dir, num_images=None) -> tuple:
-    """([(path, image_id), ...] of the annotated images present in images_dir, by id and matched by
-    file_name; the number of annotated images missing there, among those that would have been taken)."""
-    images_dir = Path(images_dir)
-    infos = sorted(gt.dataset["images"], key=lambda i: i["id"])
-    found = [(images_dir / i["file_name"], i["id"]) for i in infos if (images_dir / i["file_name"]).is_file()]
+def merge_ground_truth(gts, names):
+    """One pycocotools COCO over several annotation files of one dataset (e.g. two COCO val2017 subsets):
+    the same categories, no image in two files. Annotation ids are renumbered, since each file numbers its
+    own from 1 and COCOeval looks boxes up by id."""
+    from pycocotools.coco import COCO
+
+    def cats(gt):
+        return sorted((c["id"], c.get("name")) for c in gt.dataset["categories"])
+
+    images, annotations, owner = [], [], {}
+    for gt, name in zip(gts, names):
+        if cats(gt) != cats(gts[0]):
+            raise OnnxqError(f"{name}: its categories differ from those of {names[0]}; cannot score them together")
+        for info in gt.dataset["images"]:
+            if info["id"] in owner:
+                raise OnnxqError(f"{name}: image id {info['id']} is also in {owner[info['id']]}; "
+                                 f"cannot score them together")
+            owner[info["id"]] = name
+            images.append(info)
+        for a in gt.dataset.get("annotations", []):
+            annotations.append(dict(a, id=len(annotations) + 1))
+    merged = COCO()
+    merged.dataset = {"images": images, "annotations": annotations, "categories": gts[0].dataset["categories"]}
+    with quiet():
+        merged.createIndex()
+    return merged
+
+
+def load_sets(data_dirs, ann=None) -> tuple:
+    """(ground truth, [(images_dir, image infos), ...], annotation name) of one COCO folder (images/ +
+    instances.json, or `ann`) or of several folders scored together."""
+    dirs = [Path(d) for d in ([data_dirs] if isinstance(data_dirs, (str, Path)) else data_dirs)]
+    if not dirs:
+        raise OnnxqError("no COCO folder given")
+    for d in dirs:
+        if not d.is_dir():
+            raise OnnxqError(f"{d}: not a folder (expected a COCO folder with images/ and instances.json)")
+    if ann and len(dirs) > 1:
+        raise OnnxqError("one annotation file for several COCO folders: each folder's instances.json is read")
+    anns = [Path(ann)] if ann else [d / "instances.json" for d in dirs]
+    gts = [load_ground_truth(a) for a in anns]
+    sources = [(d / "images" if (d / "images").is_dir() else d, gt.dataset["images"]) for d, gt in zip(dirs, gts)]
+    gt = gts[0] if len(gts) == 1 else merge_ground_truth(gts, [str(a) for a in anns])
+    return gt, sources, " + ".join(str(a) for a in anns)
+
+
+def image_index_many(sources, num_images=None) -> tuple:
+    """As image_index over several (images_dir, image infos) sources, ordered by id across them."""
+    infos = sorted(((Path(d), i) for d, infos in sources for i in infos), key=lambda t: t[1]["id"])
+    found = [(d / i["file_name"], i["id"]) for d, i in infos if (d / i["file_name"]).is_file()]
     if not found:
-        raise OnnxqError(f"{images_dir}: none of the {len(infos)} images of the annotation file is there")
+        where = ", ".join(str(d) for d, _ in sources)
+        raise OnnxqError(f"{where}: none of the {len(infos)} images of the annotation file is there")
     wanted = min(num_images, len(infos)) if num_images else len(infos)
     taken = found[:num_images] if num_images else found
     return taken, max(0, wanted - len(taken))
+
+
+def image_index(gt, images_dir, num_images=None) -> tuple:
+    """([(path, image_id), ...] of the annotated images present in images_dir, by id and matched by
+    file_name; the number of annotated images missing there, among those that would have been taken)."""
+    return image_index_many([(images_dir, gt.dataset["images"])], num_images)
 
 
 def to_results(image_id, boxes_xyxy, scores, classes, cat_ids) -> list:

@@ -1,16 +1,24 @@
 """Raw model outputs -> per image (boxes xyxy in model-input pixels, scores, class ids).
 
-One function per family, following the layouts in ../shared/models/MODELS.md and
-the model cards in models/. Every (box, class) pair whose score passes `conf` is a
-candidate (multi-label, as Ultralytics validates); NMS comes after, in nms.py.
+One function per layout, following the layouts in ../shared/models/MODELS.md and
+the model cards in models/. A dense head's decoder gives each box its score for
+every class; the protocol then picks the candidates: every (box, class) pair whose
+score passes `conf` (val: multi-label, as Ultralytics validates), or each box's best
+class alone (deploy). NMS comes after, in nms.py. Layouts with NMS in the graph give
+their detections as they are, under either protocol.
 """
 
 import numpy as np
 
-from .families import END2END, INDICES, ROWS7
-from .nms import CONF_THRESHOLD
+from ..errors import OnnxqError, first_line
+from .families import END2END, INDICES, NUM_DETS, PADDLE, ROWS7
+from .nms import CONF_THRESHOLD, PROTOCOLS
 
 EXP_CLIP = 20.0  # exp() argument cap for log-size regressions (a wild value must not overflow)
+
+
+class DecodeError(OnnxqError):
+    """The outputs do not fit the family's layout (typically a --family forced on another layout)."""
 
 
 def _sigmoid(x):
@@ -30,31 +38,82 @@ def xywh_to_xyxy(b):
 
 def _grid(hw, stride):
     """Cell column and row indices of a stride's grid, row-major (y outer, x inner)."""
-    gh, gw = hw[0] // stride, hw[1] // stride
+    gh, gw = -(-hw[0] // stride), -(-hw[1] // stride)  # a padded stride-2 conv rounds up
     gy, gx = np.divmod(np.arange(gh * gw), gw)
     return gx.astype(np.float64), gy.astype(np.float64)
 
 
 def _candidates(boxes_xyxy, cls_scores, conf):
+    """Multi-label: every (box, class) pair scoring above conf."""
     i, j = np.nonzero(cls_scores > conf)
     return boxes_xyxy[i], cls_scores[i, j], j.astype(np.int64)
+
+
+def _best_class(boxes_xyxy, cls_scores, conf):
+    """One class per box: its best class, kept if that score passes conf."""
+    j = cls_scores.argmax(axis=1) if cls_scores.shape[1] else np.zeros(len(cls_scores), dtype=np.int64)
+    s = cls_scores[np.arange(len(j)), j] if cls_scores.shape[1] else np.zeros(len(j))
+    keep = s > conf
+    return boxes_xyxy[keep], s[keep], j[keep].astype(np.int64)
+
+
+_PICK = {True: _candidates, False: _best_class}  # by Protocol.multi_label
 
 
 def _empty():
     return np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64)
 
 
-def decode(family, outputs, hw, conf=CONF_THRESHOLD, batch=None):
+def decode(family, outputs, hw, conf=CONF_THRESHOLD, batch=None, protocol="val"):
     """List over the images of (boxes_xyxy (n,4), scores (n,), class_ids (n,)).
 
     outputs: every model output, in the model's order (family.outputs picks the ones read).
     batch: images fed; needed only for layouts whose outputs have no batch dimension.
+    protocol: a nms.PROTOCOLS name: how a box's class scores become candidates.
     """
+    return decode_protocols(family, outputs, hw, conf, batch, (protocol,))[protocol]
+
+
+def decode_protocols(family, outputs, hw, conf=CONF_THRESHOLD, batch=None, protocols=tuple(PROTOCOLS)) -> dict:
+    """{protocol: decode's list} for each protocol, from one pass of the decoder over the outputs."""
+    dense = _decode(family, outputs, hw, conf, batch)
+    out = {}
+    for name in protocols:
+        pick = _PICK[PROTOCOLS[name].multi_label]
+        out[name] = [d if len(d) == 3 else pick(d[0], d[1], conf) for d in dense]
+    return out
+
+
+def _decode(family, outputs, hw, conf, batch):
+    """Per image, (boxes, class-score matrix) from a dense head or (boxes, scores, classes) from the graph's NMS.
+    Outputs that do not fit the family (a --family forced on another layout) raise a one-line OnnxqError."""
+    if family.missing:
+        raise DecodeError(family.missing)
+    if not family.outputs or max(family.outputs) >= len(outputs):
+        raise DecodeError(f"{family.name} reads outputs {list(family.outputs)}; the model has {len(outputs)}")
     outs = [np.asarray(outputs[i]) for i in family.outputs]
-    fn = _DECODERS[family.layout or family.name]
-    if family.name == "nms-in-graph":
-        n = batch if batch is not None else (outs[0].shape[0] if family.layout == END2END else
-                                             outs[1].shape[0] if family.layout == INDICES else 1)
+    try:
+        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+            return _run(family, outs, hw, conf, batch)
+    except (ValueError, IndexError, TypeError, KeyError, ZeroDivisionError) as exc:
+        shapes = ", ".join(str(list(o.shape)) for o in outs)
+        raise DecodeError(f"outputs {shapes} do not decode as {family.name}: {type(exc).__name__}: "
+                         f"{first_line(exc)}") from exc
+
+
+def _run(family, outs, hw, conf, batch):
+    fn = _DECODERS[family.layout or family.kind]
+    if family.nms_in_graph:
+        if batch is not None:
+            n = batch
+        elif family.layout == END2END:
+            n = outs[0].shape[0]
+        elif family.layout in (INDICES, NUM_DETS):
+            n = outs[1].shape[0]
+        elif family.layout == PADDLE:
+            n = outs[1].size
+        else:
+            n = 1
         return [fn(family, outs, b, conf) for b in range(n)]
     if not family.batched:
         return [fn(family, outs, hw, conf)]
@@ -64,13 +123,13 @@ def decode(family, outputs, hw, conf=CONF_THRESHOLD, batch=None):
 def _v5(family, outs, hw, conf):
     p = outs[0]  # [N, 5+nc]: cx, cy, w, h (input px, decoded in the graph), obj, cls (sigmoid applied)
     p = p[p[:, 4] > conf].astype(np.float64)  # obj*cls <= obj: this drops nothing that could pass
-    return _candidates(xywh_to_xyxy(p[:, :4]), p[:, 5:] * p[:, 4:5], conf)
+    return xywh_to_xyxy(p[:, :4]), p[:, 5:] * p[:, 4:5]
 
 
 def _v8(family, outs, hw, conf):
     p = outs[0].T  # [4+nc, N] -> [N, 4+nc]: cx, cy, w, h (input px), cls (sigmoid), no objectness
     p = p[p[:, 4:].max(axis=1) > conf].astype(np.float64)
-    return _candidates(xywh_to_xyxy(p[:, :4]), p[:, 4:], conf)
+    return xywh_to_xyxy(p[:, :4]), p[:, 4:]
 
 
 def _level_grids(hw, strides, repeat=1):
@@ -92,7 +151,7 @@ def _yolox(family, outs, hw, conf):
     p, gx, gy, st = p[keep].astype(np.float64), gx[keep], gy[keep], st[keep]
     cx, cy = (p[:, 0] + gx) * st, (p[:, 1] + gy) * st
     wh = np.exp(np.minimum(p[:, 2:4], EXP_CLIP)) * st[:, None]
-    return _candidates(xywh_to_xyxy(np.column_stack([cx, cy, wh])), p[:, 5:] * p[:, 4:5], conf)
+    return xywh_to_xyxy(np.column_stack([cx, cy, wh])), p[:, 5:] * p[:, 4:5]
 
 
 def _fastestdet(family, outs, hw, conf):
@@ -107,7 +166,7 @@ def _fastestdet(family, outs, hw, conf):
     cy = (gy + np.tanh(p[:, 2])) / gh * hw[0]
     w, h = _sigmoid(p[:, 3]) * hw[1], _sigmoid(p[:, 4]) * hw[0]
     scores = p[:, :1] ** 0.6 * np.clip(p[:, 5:], 0, None) ** 0.4
-    return _candidates(xywh_to_xyxy(np.column_stack([cx, cy, w, h])), scores, conf)
+    return xywh_to_xyxy(np.column_stack([cx, cy, w, h])), scores
 
 
 def _fastestv2(family, outs, hw, conf):
@@ -129,7 +188,7 @@ def _fastestv2(family, outs, hw, conf):
             w, h = (bx[:, 2] * 2) ** 2 * aw, (bx[:, 3] * 2) ** 2 * ah
             boxes.append(xywh_to_xyxy(np.column_stack([cx, cy, w, h])))
             scores.append(obj[keep, None] ** 0.6 * cls[keep])
-    return _candidates(np.concatenate(boxes), np.concatenate(scores), conf)
+    return np.concatenate(boxes), np.concatenate(scores)
 
 
 def _nanodet(family, outs, hw, conf):
@@ -144,7 +203,57 @@ def _nanodet(family, outs, hw, conf):
         cx, cy = (gx[keep] + 0.5) * s, (gy[keep] + 0.5) * s  # NanoDet v0.x cell centres
         boxes.append(np.column_stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]]))
         scores.append(cls[keep].astype(np.float64))
-    return _candidates(np.concatenate(boxes), np.concatenate(scores), conf)
+    return np.concatenate(boxes), np.concatenate(scores)
+
+
+def _darknet(family, outs, hw, conf):
+    # per head [A*(5+C), H, W]: tx, ty, tw, th, obj, cls, all logits (darknet [yolo] layers, scale_x_y)
+    boxes, scores = [], []
+    for s, p in zip(family.strides, outs):
+        anchors = family.anchors[s]
+        sxy = family.scale_xy.get(s, 1.0)
+        ch, gh, gw = p.shape
+        t = p.reshape(len(anchors), ch // len(anchors), gh * gw).astype(np.float64)
+        gy, gx = np.divmod(np.arange(gh * gw), gw)
+        for a, (aw, ah) in enumerate(anchors):
+            obj = _sigmoid(t[a, 4])
+            keep = obj > conf  # score = obj * cls <= obj
+            ta = t[a][:, keep]
+            cx = (_sigmoid(ta[0]) * sxy - (sxy - 1) / 2 + gx[keep]) / gw * hw[1]
+            cy = (_sigmoid(ta[1]) * sxy - (sxy - 1) / 2 + gy[keep]) / gh * hw[0]
+            w = np.exp(np.minimum(ta[2], EXP_CLIP)) * aw
+            h = np.exp(np.minimum(ta[3], EXP_CLIP)) * ah
+            boxes.append(xywh_to_xyxy(np.column_stack([cx, cy, w, h])))
+            scores.append(obj[keep, None] * _sigmoid(ta[5:]).T)
+    return np.concatenate(boxes), np.concatenate(scores)
+
+
+def _decoded(family, outs, hw, conf):
+    # one [.., N_i, 5+C] block of decoded rows per stride: the v5 rows, split
+    return _v5(family, [np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs])], hw, conf)
+
+
+def _paddle(family, outs, b, conf):
+    rows, counts = outs  # [K, 6]: class, score, x1, y1, x2, y2 (original px), images' rows in turn; [B] counts
+    rows = rows.reshape(-1, 6).astype(np.float64)
+    counts = counts.reshape(-1).astype(np.int64)
+    if b >= len(counts):
+        return _empty()
+    p = rows[int(counts[:b].sum()):int(counts[:b + 1].sum())]
+    keep = (p[:, 1] > conf) & (p[:, 0] >= 0)  # class -1 marks "nothing found"
+    return p[keep, 2:6], p[keep, 1], p[keep, 0].astype(np.int64)
+
+
+def _num_dets(family, outs, b, conf):
+    num, boxes, scores, classes = outs  # [B, 1], [B, K, 4] x1, y1, x2, y2, [B, K], [B, K]
+    n = int(np.clip(num.reshape(num.shape[0], -1)[b, 0], 0, boxes.shape[1]))
+    box, score, cls = boxes[b, :n].astype(np.float64), scores[b, :n].astype(np.float64), classes[b, :n]
+    if family.classes_by_value and n:
+        whole = lambda a: bool(np.all(a == np.round(a)))  # noqa: E731
+        if whole(score) and not whole(cls):
+            score, cls = cls.astype(np.float64), score
+    keep = score > conf
+    return box[keep], score[keep], np.asarray(cls)[keep].astype(np.int64)
 
 
 def _end2end(family, outs, b, conf):
@@ -185,4 +294,5 @@ def _indices(family, outs, b, conf):
 
 
 _DECODERS = {"ultralytics-v5": _v5, "ultralytics-v8": _v8, "yolox": _yolox, "fastestdet": _fastestdet,
-             "yolo-fastestv2": _fastestv2, "nanodet": _nanodet, END2END: _end2end, ROWS7: _rows7, INDICES: _indices}
+             "yolo-fastestv2": _fastestv2, "gfl": _nanodet, "darknet": _darknet, "darknet-decoded": _decoded,
+             END2END: _end2end, ROWS7: _rows7, INDICES: _indices, PADDLE: _paddle, NUM_DETS: _num_dets}

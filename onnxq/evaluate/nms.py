@@ -1,4 +1,7 @@
-"""Class-aware greedy non-maximum suppression (the loop is a Numba kernel: kernels.suppress)."""
+"""Class-aware greedy non-maximum suppression (the loop is a Numba kernel: kernels.suppress), and the
+scoring protocols that set it."""
+
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -9,6 +12,34 @@ CONF_THRESHOLD = 0.001
 IOU_THRESHOLD = 0.7
 MAX_DETECTIONS = 300
 MAX_CANDIDATES = 30000
+# The deploy protocol: what a deployed detector reports, one class per box (its best), NMS at IoU 0.65.
+DEPLOY_IOU_THRESHOLD = 0.65
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How candidates are formed and suppressed; conf, max_det and max_candidates are common to all."""
+
+    name: str
+    multi_label: bool  # every class above conf per box (True) or the box's best class only (False)
+    iou: float
+    class_aware: bool = True
+    description: str = ""
+
+    def settings(self, iou=None) -> dict:
+        d = asdict(self)
+        d.pop("name")
+        if iou is not None:
+            d["iou"] = iou
+        return d
+
+
+PROTOCOLS = {
+    "val": Protocol("val", True, IOU_THRESHOLD,
+                    description="Ultralytics val: every class above conf per box, class-aware NMS"),
+    "deploy": Protocol("deploy", False, DEPLOY_IOU_THRESHOLD,
+                       description="one class per box (its best), class-aware NMS"),
+}
 
 
 def box_iou(box, boxes):
