@@ -121,13 +121,14 @@ def main():
     from onnxq.api import collect_stats, quantize_with_report
     from onnxq.evaluate.coco import evaluate_model
     from onnxq.model import save_model
+    from onnxq.targets import get_target
 
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="onnxq-acc-"))
     n_images = {}
 
-    def evaluate(key, label, path, **extra):
-        r = evaluate_model(path, val_dirs, progress=False, num_images=args.eval_images)
+    def evaluate(key, label, path, runtime="ort", **extra):
+        r = evaluate_model(path, val_dirs, progress=False, num_images=args.eval_images, runtime=runtime)
         deploy = r["protocols"]["deploy"]
         row = {"model": key, "config": label, "family": r["family"], "preprocess": r["preprocess_text"],
                "images": r["images"], "map50_95": r["map50_95"], "map50": r["map50"],
@@ -176,7 +177,11 @@ def main():
                 pp = report.preprocess
                 out = tmp / f"{key}-{label.replace(' ', '_').replace('-', '')}.onnx"
                 save_model(q, out)
-                evaluate(key, label, out, bits=label.split()[2] if "W" in label else "")
+                agreement = report.agreement.map50_95 if report.agreement is not None else None
+                # each target's model is scored on the runtime it is for (openvino: OpenVINO's int8 kernels)
+                evaluate(key, label, out, runtime=get_target(opts["target"]).runtime,
+                         bits=label.split()[2] if "W" in label else "", agreement=agreement,
+                         float_nodes=len(report.float_nodes), quantized_nodes=len(report.weights))
             except Exception as exc:  # noqa: BLE001 - one configuration failing is a result too
                 results.append({"model": key, "config": label, "error": str(exc)[:200]})
         if not args.no_peers:

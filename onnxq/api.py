@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .choices import OVERFLOW_FIXES
+from .choices import OVERFLOW_FIXES, VERIFY_IMAGES
 from .derived import (derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived, silu_bounded,
                       union_sources, value_unions)
 from .errors import OnnxqError, UsageError, first_line
@@ -55,6 +55,7 @@ class QuantReport:
     tail_nodes: int = 0
     notes: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    agreement: object = None  # verify.Agreement, where the model was checked
 
     def to_json(self) -> dict:
         return {
@@ -83,6 +84,7 @@ class QuantReport:
             "float_tensors": self.float_tensors,
             "decode_tail_nodes": self.tail_nodes,
             "notes": self.notes,
+            "agreement": self.agreement.to_json() if self.agreement is not None else None,
             "seconds": self.seconds,
         }
 
@@ -194,7 +196,7 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
                          percentile=99.99, target="ort", keep_first=None, keep_head=None, exclude=(),
                          preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
                          batch_size=None, workers=1, threads=None, progress=False, on_skip=None,
-                         bias_correction=32, overflow_fix=None):
+                         bias_correction=32, overflow_fix=None, verify=True, verify_images=VERIFY_IMAGES):
     """Quantize a float ONNX detector. Returns (onnx.ModelProto, QuantReport).
 
     bias_correction: number of calibration images used to fold each quantized Conv's mean output
@@ -206,6 +208,9 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     image), "all" or "none" (None: the target's default; see ranges.weight_bits).
     preprocess: a Preprocess, a preset name ("ultralytics", "yolox", ...) or a dict of its fields; None
     takes it from the model.
+    verify: check the written model against the float one (verify.measure_agreement): True holds
+    `verify_images` of the calibration folder out of calibration and bias correction to check on; a folder
+    checks on its images instead; False skips it.
     """
     t0 = time.perf_counter()
     preprocess = as_preprocess(preprocess)
@@ -228,6 +233,7 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     if not 50.0 < percentile < 100.0:
         raise UsageError(f"--percentile {percentile}: must be between 50 and 100")
 
+    held_out, verify_paths, verify_note = _verification_images(calib, verify, verify_images, seed)
     if stats is None and calib is not None:
         warm_up()  # while the model is prepared
     st = None
@@ -264,7 +270,7 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         from .calibrate import calibrate
         from .images import list_images
         pp, pp_source = resolve_preprocess(prepared, preprocess)
-        paths = list_images(calib, num_images=num_images, seed=seed)
+        paths = list_images(calib, num_images=num_images, seed=seed, exclude=held_out)
         if num_images and len(paths) < num_images:
             notes.append(f"--num-images {num_images}: only {len(paths)} images in {calib}")
         skipped = []
@@ -337,17 +343,55 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         t3 = time.perf_counter()
         bc_images = min(bias_correction, num_images) if num_images else bias_correction
         out = _bias_corrected(prepared, float_graph, plan, act, weights, out, calib, pp, bc_images, seed, report,
-                              threads, batch_size)
+                              threads, batch_size, held_out)
         report.seconds["bias_correction"] = round(time.perf_counter() - t3, 3)
     elif bias_correction:
         notes.append("bias correction skipped: it needs images (give --calib with --stats)")
     for entry in out.opset_import:  # QuantizeLinear with an axis needs 13 (other domains keep their version)
         if entry.domain in ("", "ai.onnx"):
             entry.version = max(entry.version, 13)
+    _check_output(out, prepared.source)
+    if verify_paths:
+        t4 = time.perf_counter()
+        report.agreement = _verify(model, prepared, out, verify_paths, pp, tgt, threads, notes)
+        report.seconds["verify"] = round(time.perf_counter() - t4, 3)
+    elif verify_note:
+        notes.append(verify_note)
     _stamp_metadata(out, report)
     report.seconds.update({"calibrate": round(t2 - t0, 3), "total": round(time.perf_counter() - t0, 3)})
-    _check_output(out, prepared.source)
     return out, report
+
+
+def _verification_images(calib, verify, n, seed):
+    """(images held out of calibration, images to verify on, why there are none or None)."""
+    from .images import hold_out, list_images
+
+    if verify is False or verify is None:
+        return [], [], None
+    if verify is not True:
+        return [], list_images(verify, num_images=n, seed=seed), None
+    if calib is None:
+        return [], [], "not verified: no images to check the model on (give --verify DIR)"
+    found = list_images(calib)
+    if len(found) < 2 * n:
+        return [], [], (f"not verified: {len(found)} calibration images are too few to hold {n} out "
+                        f"(give --verify DIR)")
+    held = hold_out(found, n, seed)
+    return held, held, None
+
+
+def _verify(model, prepared, out, paths, pp, tgt, threads, notes):
+    from .verify import measure_agreement
+
+    runtime = tgt.runtime
+    if runtime == "openvino":
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            notes.append("verified on onnxruntime: OpenVINO is not installed")
+            runtime = "ort"
+    source = model if isinstance(model, (str, os.PathLike)) else prepared.source
+    return measure_agreement(source, out, paths, pp, prepared.inputs, runtime=runtime, threads=threads)
 
 
 def choose_ranges(prepared, plan, st, cfg, pp):
@@ -540,7 +584,7 @@ def _bias_scale_floor(node, act, channels):
 
 
 def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, calib, pp, num_images, seed, report,
-                    threads=None, batch_size=None):
+                    threads=None, batch_size=None, held_out=()):
     from .correct import apply_bias_shift, conv_output_shift, measure_input_means
     from .images import iter_batches, list_images
 
@@ -552,7 +596,7 @@ def _bias_corrected(prepared, float_graph, plan, act, weights, quant_model, cali
     tensors = float_graph.tensors()
     sources = {nodes[n].inputs[0].name: _mean_sources(tensors, plan, act, nodes[n].inputs[0].name) for n in convs}
     quantized = {f: q for parts in sources.values() for f, q, _ in parts}
-    paths = list_images(calib, num_images=num_images, seed=seed)
+    paths = list_images(calib, num_images=num_images, seed=seed, exclude=held_out)
     read = []  # images per batch actually decoded (unreadable files are skipped)
 
     def batches():
@@ -631,6 +675,11 @@ def _stamp_metadata(model, report: QuantReport):
         "onnxq.target": report.target,
         "onnxq.calibration_images": str(report.num_images),
     })
+    if report.agreement is not None:
+        a = report.agreement
+        meta["onnxq.agreement"] = json.dumps({"map50_95": a.map50_95, "map50": a.map50, "images": a.images,
+                                              "runtime": a.runtime,
+                                              "min_output_sqnr_db": a.to_json()["min_output_sqnr_db"]})
     del model.metadata_props[:]
     for k in sorted(meta):
         model.metadata_props.add(key=k, value=meta[k])

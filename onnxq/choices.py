@@ -5,3 +5,6 @@ METHODS = ("uh", "minmax", "percentile", "mse", "entropy")
 BITS = (8, 6, 4)
 # which layers get 7-bit weights so that u8 x s8 dot products cannot saturate on CPUs without VNNI
 OVERFLOW_FIXES = ("auto", "first", "all", "none")
+# images held out of the calibration folder to check the quantized model on: enough boxes for a stable
+# agreement mAP
+VERIFY_IMAGES = 32

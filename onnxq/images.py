@@ -23,11 +23,12 @@ class ImageError(OnnxqError):
     """One image file cannot be used; iter_batches skips it and reports it."""
 
 
-def list_images(folder, num_images: int | None = None, seed: int = 0) -> list:
+def list_images(folder, num_images: int | None = None, seed: int = 0, exclude=()) -> list:
     """Image files under `folder`: recursive, sorted, following directory symlinks without looping.
 
     With num_images, a deterministic seeded subset (returned sorted); if num_images is
-    at least the number found, all of them (the caller can compare the lengths).
+    at least the number found, all of them (the caller can compare the lengths). exclude: paths set
+    aside (held out for verification) before the subset is drawn.
     """
     folder = Path(folder)
     if not folder.exists():
@@ -48,10 +49,23 @@ def list_images(folder, num_images: int | None = None, seed: int = 0) -> list:
     if not found:
         raise OnnxqError(f"{folder}: no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) found")
     found.sort()
+    if exclude:
+        held = set(exclude)
+        found = [p for p in found if p not in held]
+        if not found:
+            raise OnnxqError(f"{folder}: every image is held out for verification")
     if num_images is not None and num_images < len(found):
         idx = np.random.default_rng(seed).choice(len(found), size=num_images, replace=False)
         found = [found[i] for i in sorted(idx)]
     return found
+
+
+def hold_out(paths, n: int, seed: int = 0) -> list:
+    """n of `paths` set aside, deterministically (seeded, independent of any calibration subset), sorted."""
+    if n >= len(paths):
+        return list(paths)
+    idx = np.random.default_rng([seed, 0x5E7]).choice(len(paths), size=n, replace=False)
+    return [paths[i] for i in sorted(idx)]
 
 
 # warnings.catch_warnings swaps process-wide state: serialise our use of it. Only the

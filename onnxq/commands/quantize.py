@@ -2,7 +2,7 @@
 
 import sys
 
-from ..choices import BITS, METHODS
+from ..choices import BITS, METHODS, VERIFY_IMAGES
 from ..errors import UsageError
 from ..fileio import check_writable
 from .common import (add_calibration_arguments, add_model_input_arguments, add_placement_arguments,
@@ -22,6 +22,12 @@ def register(sub):
     src.add_argument("--bias-correction", type=int, default=32, metavar="N",
                      help="images used to fold each quantized conv's mean output shift into its bias "
                           "(default 32; 0 turns it off)")
+    v = p.add_argument_group("verification (agreement with the float model, no labels needed)")
+    v.add_argument("--verify", metavar="DIR", help="images to check the quantized model on (default: "
+                                                   f"{VERIFY_IMAGES} of the --calib images, held out of calibration)")
+    v.add_argument("--no-verify", action="store_true", help="skip the check")
+    v.add_argument("--verify-images", type=int, default=VERIFY_IMAGES, metavar="N",
+                   help=f"images to check on (default {VERIFY_IMAGES})")
     q = p.add_argument_group("quantization")
     q.add_argument("--method", choices=METHODS, default="uh",
                    help="activation ranges: uh (Q-YOLO, default), minmax, percentile, mse, entropy")
@@ -54,6 +60,8 @@ def options_from_args(args):
     w_bits, a_bits = parse_bits(args.bits) if args.bits else (args.w_bits or 8, args.a_bits or 8)
     if args.bias_correction < 0:
         raise UsageError(f"--bias-correction {args.bias_correction}: a number of images, 0 to turn it off")
+    if args.no_verify and args.verify:
+        raise UsageError("give --verify DIR or --no-verify, not both")
     if args.percentile is not None and args.method != "percentile":
         raise UsageError(f"--percentile is for --method percentile (this run uses {args.method})")
     explicit_pp, _ = preprocess_from_args(args, default=None)
@@ -65,7 +73,9 @@ def options_from_args(args):
                 num_images=positive("--num-images", args.num_images), seed=args.seed,
                 batch_size=positive("--batch", args.batch), workers=positive("--workers", args.workers),
                 threads=positive("--threads", args.threads), progress=not args.no_progress,
-                bias_correction=args.bias_correction, overflow_fix=args.overflow_fix)
+                bias_correction=args.bias_correction, overflow_fix=args.overflow_fix,
+                verify=False if args.no_verify else (args.verify or True),
+                verify_images=positive("--verify-images", args.verify_images))
 
 
 def run(args):
@@ -125,4 +135,6 @@ def print_summary(report, output):
         reasons[why] = reasons.get(why, 0) + 1
     for why, n in sorted(reasons.items()):
         print(f"  float: {n} x {why}")
+    if report.agreement is not None:
+        print(f"  {report.agreement.describe()}")
     print(f"  done in {report.seconds.get('total', 0):.1f} s")

@@ -48,6 +48,9 @@ class Target:
     # and 1x1 convs reading ShuffleNet's two-sided depthwise outputs took FastestDet's raw outputs from
     # 0.99 to 0.84-0.93 correlation with FP32 on onnxruntime. GPUs have no such instruction.
     overflow_fix: str = "auto"
+    # where verification runs the quantized model: the runtime the target is for (TensorRT cannot run here:
+    # onnxruntime runs its QDQ model as written)
+    runtime: str = "ort"
     description: str = ""
 
 
@@ -67,6 +70,7 @@ TARGETS = {
         int8_merges=("Add", "Concat"),
         unify_concat=True,
         concat_output_on_input_grid=True,
+        runtime="openvino",
         description="OpenVINO: Q/DQ (FakeQuantize) on Conv inputs, first and head convs included, and on the "
                     "inputs of residual Adds, Concats (one scale per Concat, none on its output) and Splits, "
                     "read by every consumer; LPT runs them in u8/i8",

@@ -1,0 +1,136 @@
+"""Agreement of a quantized detector with its float original, on images, without labels.
+
+Both models run on the same images; the float model's confident detections
+are the ground truth and the quantized model's detections are scored against
+them with pycocotools: 100 mAP50-95 means the same boxes, classes and ranking.
+Where the output layout cannot be decoded, the raw outputs' SQNR is all there
+is, and the result says so.
+"""
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Float detections above this score are what an application would act on: they are the reference.
+REFERENCE_SCORE = 0.25
+
+
+@dataclass(frozen=True)
+class Agreement:
+    images: int
+    runtime: str
+    map50_95: float | None  # None: the layout could not be decoded, or the float model found nothing
+    map50: float | None
+    reference_boxes: int  # float detections used as ground truth
+    output_sqnr_db: dict = field(default_factory=dict)  # output name -> dB
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "runtime": self.runtime, "map50_95": self.map50_95, "map50": self.map50,
+                "reference_boxes": self.reference_boxes,
+                "output_sqnr_db": {k: _finite(v) for k, v in self.output_sqnr_db.items()},
+                "min_output_sqnr_db": _finite(min(self.output_sqnr_db.values(), default=float("nan"))),
+                "note": self.note}
+
+    def describe(self) -> str:
+        sqnr = min(self.output_sqnr_db.values()) if self.output_sqnr_db else float("nan")
+        head = (f"agreement with the float model: mAP50-95 {self.map50_95:.1f}, mAP50 {self.map50:.1f}"
+                if self.map50_95 is not None else "agreement with the float model: no mAP")
+        tail = f" ({self.note})" if self.note else ""
+        return (f"{head}; worst output SQNR {sqnr:.1f} dB; {self.images} images not used for calibration, "
+                f"{self.runtime}{tail}")
+
+
+def _finite(v):
+    return round(float(v), 3) if math.isfinite(v) else None
+
+
+def _sqnr_db(signal, noise):
+    if noise <= 0:
+        return float("inf")
+    return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+def _coco_scores(reference, candidate, sizes, num_classes):
+    """(mAP50-95, mAP50) of `candidate` detections against `reference` ones, per image lists of
+    (boxes_xyxy, scores, classes) in original pixels."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from .evaluate.coco import quiet
+
+    images = [{"id": i + 1, "height": int(h), "width": int(w)} for i, (h, w) in enumerate(sizes)]
+    anns, results = [], []
+    for i, ((rb, rs, rc), (cb, cs, cc)) in enumerate(zip(reference, candidate)):
+        for box, cls in zip(rb[rs >= REFERENCE_SCORE], rc[rs >= REFERENCE_SCORE]):
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(cls) + 1, "iscrowd": 0,
+                         "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h})
+        for box, score, cls in zip(cb, cs, cc):
+            results.append({"image_id": i + 1, "category_id": int(cls) + 1, "score": float(score),
+                            "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]})
+    if not anns:
+        return None, None, 0
+    with quiet():
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": anns,
+                      "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)]}
+        gt.createIndex()
+        if not results:
+            return 0.0, 0.0, len(anns)
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return 100.0 * max(float(ev.stats[0]), 0.0), 100.0 * max(float(ev.stats[1]), 0.0), len(anns)
+
+
+def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort", threads=None) -> Agreement:
+    """Run the float model (onnxruntime) and the quantized one (on `runtime`) over `paths`.
+
+    float_model: a path or ModelProto; quant_model: a ModelProto. inputs: model.ModelInputs."""
+    import onnx
+
+    from .backends import get_runner
+    from .evaluate.families import detect_family_or_none
+    from .evaluate.pipeline import detect_batch, image_inputs
+    from .images import iter_batches
+    from .model import save_model
+
+    with tempfile.TemporaryDirectory(prefix="onnxq-verify-") as tmp:
+        if isinstance(float_model, onnx.ModelProto):
+            float_path = save_model(float_model, Path(tmp) / "float.onnx")
+        else:
+            float_path = Path(float_model)
+        quant_path = save_model(quant_model, Path(tmp) / "quant.onnx")
+        family = detect_family_or_none(quant_model, inputs.hw)
+        f_run = get_runner("ort", float_path, threads=threads)
+        q_run = get_runner(runtime, quant_path, threads=threads)
+        signal, noise = {}, {}
+        reference, candidate, sizes = [], [], []
+        count = 0
+        for batch in iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size()):
+            feed = {inputs.image: batch.images, **inputs.extras, **image_inputs(inputs, batch)}
+            f_out, q_out = f_run(feed), q_run(feed)
+            for name, a, b in zip(f_run.output_names, f_out, q_out):
+                a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+                if a.shape != b.shape:
+                    continue  # a top-K list of another length: compared through its detections
+                ok = np.isfinite(a) & np.isfinite(b)
+                signal[name] = signal.get(name, 0.0) + float((a[ok] ** 2).sum())
+                noise[name] = noise.get(name, 0.0) + float(((a[ok] - b[ok]) ** 2).sum())
+            if family is not None:  # one class per box: what an application acts on
+                reference.extend(detect_batch(lambda _: f_out, family, inputs, batch, protocols=("deploy",))["deploy"])
+                candidate.extend(detect_batch(lambda _: q_out, family, inputs, batch, protocols=("deploy",))["deploy"])
+                sizes.extend(t.orig_hw for t in batch.transforms)
+            count += len(batch.paths)
+    sqnr = {name: _sqnr_db(signal[name], noise[name]) for name in signal}
+    if family is None:
+        return Agreement(count, runtime, None, None, 0, sqnr, "output layout not decoded: output SQNR only")
+    map_, map50, boxes = _coco_scores(reference, candidate, sizes, family.num_classes)
+    note = "" if map_ is not None else f"the float model found nothing above {REFERENCE_SCORE} on these images"
+    return Agreement(count, runtime, map_, map50, boxes, sqnr, note)

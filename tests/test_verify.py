@@ -1,0 +1,96 @@
+"""Verification: agreement of the quantized model with the float one on held-out images, no labels."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import CALIB_DIR, MODELS_DIR
+from onnxq.api import quantize_with_report
+from onnxq.images import hold_out, list_images
+from onnxq.model import find_inputs
+from onnxq.preprocess import PRESETS
+from onnxq.verify import measure_agreement
+
+YOLOV5N = MODELS_DIR / "yolov5n_v6.1_640.onnx"
+
+
+@pytest.fixture(scope="module")
+def yolov5n_w8a8():
+    return quantize_with_report(YOLOV5N, CALIB_DIR / "images", num_images=16, bias_correction=8, verify_images=8)
+
+
+def test_held_out_images_are_left_out_of_calibration_and_checked(yolov5n_w8a8):
+    q, report = yolov5n_w8a8
+    everything = list_images(CALIB_DIR / "images")
+    held = hold_out(everything, 8)
+    assert len(held) == 8 and set(held) <= set(everything)
+    assert held == hold_out(everything, 8)  # deterministic
+    a = report.agreement
+    assert a is not None and a.images == 8 and a.runtime == "ort"
+    assert 80.0 < a.map50_95 <= 100.0 and a.reference_boxes > 10
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert json.loads(meta["onnxq.agreement"])["map50_95"] == pytest.approx(a.map50_95)
+    assert report.to_json()["agreement"]["images"] == 8
+
+
+def test_the_float_model_agrees_with_itself_completely():
+    model = onnx.load(str(YOLOV5N))
+    paths = list_images(CALIB_DIR / "images")[:4]
+    a = measure_agreement(YOLOV5N, model, paths, PRESETS["ultralytics"], find_inputs(model))
+    assert a.map50_95 == pytest.approx(100.0) and all(v == float("inf") for v in a.output_sqnr_db.values())
+
+
+def _damaged(q: onnx.ModelProto, factor=16.0) -> onnx.ModelProto:
+    """Every activation Q/DQ pair of the middle of the backbone gets a `factor` times coarser step."""
+    d = onnx.ModelProto()
+    d.CopyFrom(q)
+    inits = {i.name: i for i in d.graph.initializer}
+    scales = [n.input[1] for n in d.graph.node if n.op_type == "QuantizeLinear" and "model.4" in n.input[0]]
+    assert scales
+    for name in set(scales):
+        s = onnx.numpy_helper.to_array(inits[name]) * np.float32(factor)
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(s.astype(np.float32), name))
+    return d
+
+
+def test_a_damaged_model_is_caught(yolov5n_w8a8):
+    q, report = yolov5n_w8a8
+    paths = hold_out(list_images(CALIB_DIR / "images"), 8)
+    inputs = find_inputs(q)
+    clean = measure_agreement(YOLOV5N, q, paths, report.preprocess, inputs)
+    broken = measure_agreement(YOLOV5N, _damaged(q), paths, report.preprocess, inputs)
+    assert clean.map50_95 == pytest.approx(report.agreement.map50_95)
+    assert broken.map50_95 < clean.map50_95 - 10.0
+    assert min(broken.output_sqnr_db.values()) < min(clean.output_sqnr_db.values()) - 3.0
+
+
+def test_a_wrong_preprocessing_is_caught():
+    """Calibrated on BGR 0-255 pixels, yolov5n's ranges are far off the RGB /255 inputs it really reads."""
+    q, report = quantize_with_report(YOLOV5N, CALIB_DIR / "images", num_images=8, bias_correction=0,
+                                     preprocess="yolox", verify=False)
+    paths = hold_out(list_images(CALIB_DIR / "images"), 8)
+    a = measure_agreement(YOLOV5N, q, paths, PRESETS["ultralytics"], find_inputs(q))
+    assert a.map50_95 < 50.0
+
+
+def test_no_verification_without_images_to_spare(tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for p in list_images(CALIB_DIR / "images")[:6]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    _, report = quantize_with_report(YOLOV5N, folder, bias_correction=0)
+    assert report.agreement is None and report.num_images == 6
+    assert any("too few to hold" in n for n in report.notes)
+
+
+def test_a_layout_eval_cannot_decode_gets_output_sqnr_only():
+    from test_regions import ACTIVATIONS, _conv_act_conv
+
+    model = _conv_act_conv(ACTIVATIONS["relu"][0])
+    q, report = quantize_with_report(model, CALIB_DIR / "images", num_images=4, bias_correction=0,
+                                     verify=CALIB_DIR / "images", verify_images=2, preprocess="ultralytics",
+                                     keep_first=False)
+    a = report.agreement
+    assert a.map50_95 is None and "SQNR only" in a.note and np.isfinite(a.output_sqnr_db["score"])
