@@ -18,7 +18,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .choices import OVERFLOW_FIXES, VERIFY_IMAGES
+from .choices import MAX_FLOAT_SHARE, MIN_AGREEMENT, OVERFLOW_FIXES, VERIFY_IMAGES, WEIGHT_METHODS
 from .derived import (derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived, silu_bounded,
                       union_sources, value_unions)
 from .errors import OnnxqError, UsageError, first_line
@@ -33,7 +33,8 @@ from .passes.regions import region_function
 from .passes.select import float_readers, plan_quantization
 from .preprocess import PRESETS, Preprocess, as_preprocess, preprocess_from_metadata, preprocess_to_metadata
 from .ranges import (BITS, METHODS, RangeConfig, activation_params, bias_scale_floor, needs_histogram,
-                     fine_grid, region_input_range, silu_input_range, weight_bits, weight_params)
+                     fine_grid, region_input_range, sigmoid_rounds_to_zero_below, silu_input_range,
+                     silu_int8_floor_level, weight_bits, weight_params)
 from .stats import Stats, model_hash
 from .targets import TARGETS, get_target
 
@@ -56,6 +57,7 @@ class QuantReport:
     notes: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
     agreement: object = None  # verify.Agreement, where the model was checked
+    repair: object = None  # repair.Repair, where the agreement fell short and layers were kept float
 
     def to_json(self) -> dict:
         return {
@@ -66,6 +68,7 @@ class QuantReport:
             "w_bits": self.config.w_bits,
             "a_bits": self.config.a_bits,
             "symmetric_activations": self.config.symmetric,
+            "weight_rounding": self.config.weights,
             "overflow_fix": self.overflow_fix,
             "preprocess": self.preprocess.to_dict(),
             "preprocess_source": self.preprocess_source,
@@ -85,6 +88,7 @@ class QuantReport:
             "decode_tail_nodes": self.tail_nodes,
             "notes": self.notes,
             "agreement": self.agreement.to_json() if self.agreement is not None else None,
+            "repair": self.repair.to_json() if self.repair is not None else None,
             "seconds": self.seconds,
         }
 
@@ -133,24 +137,35 @@ def _is_ultralytics(meta: dict) -> bool:
     return meta.get("author", "").lower().startswith("ultralytics") or ("stride" in meta and "names" in meta)
 
 
-def resolve_preprocess(prepared: Prepared, explicit: Preprocess | None, explicit_source="flags"):
-    """Explicit flags > onnxq metadata > Ultralytics metadata > the detected family's preset > ultralytics."""
+def resolve_preprocess(prepared: Prepared, explicit=None, explicit_source="flags", images=None):
+    """(Preprocess, where it came from): explicit > onnxq metadata > Ultralytics metadata > the detected
+    family's preset > ultralytics. The source text says "a guess" where the outputs do not tell it.
+
+    explicit: a Preprocess, or an AutoPreprocess (--preset auto, preprocess="auto"), which tries the
+    candidates (onnxq.preprocess_probe) on `images` (paths; default the ones it carries) and falls back to
+    the rule above, saying why, where eval cannot decode the outputs."""
+    from .evaluate.families import detect_family_or_none
+    from .preprocess import AutoPreprocess
+    from .preprocess_probe import choose, guess_source
+
+    fallback = ""
+    if isinstance(explicit, AutoPreprocess):
+        paths = list(images) if images is not None else list(explicit.images)
+        family = detect_family_or_none(prepared.model, prepared.inputs.hw)
+        explicit, explicit_source = choose(prepared.source, prepared.inputs, family, paths, dict(explicit.fixed))
+        fallback = f"{explicit_source}; " if explicit is None else ""
     if explicit is not None:
         return explicit, explicit_source
     meta = {p.key: p.value for p in prepared.source.metadata_props}
     stored = preprocess_from_metadata(meta)
     if stored is not None:
-        return stored, "model metadata"
+        return stored, fallback + "model metadata"
     if _is_ultralytics(meta):
-        return PRESETS["ultralytics"], "preset ultralytics (Ultralytics metadata)"
-    try:
-        from .evaluate.families import detect_family_or_none
-        family = detect_family_or_none(prepared.model, prepared.inputs.hw)
-    except ImportError:
-        family = None
+        return PRESETS["ultralytics"], fallback + "preset ultralytics (Ultralytics metadata)"
+    family = detect_family_or_none(prepared.model, prepared.inputs.hw)
     if family is not None and family.preset in PRESETS:
-        return PRESETS[family.preset], f"preset {family.preset} (detected {family.name} outputs)"
-    return PRESETS["ultralytics"], "preset ultralytics (default; pass --preset or flags to change)"
+        return PRESETS[family.preset], fallback + guess_source(family, meta)
+    return PRESETS["ultralytics"], fallback + guess_source(None, meta)
 
 
 def _gives_memory_back(fn):
@@ -196,7 +211,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
                          percentile=99.99, target="ort", keep_first=None, keep_head=None, exclude=(),
                          preprocess=None, imgsz=None, input_values=None, num_images=None, seed=0,
                          batch_size=None, workers=1, threads=None, progress=False, on_skip=None,
-                         bias_correction=32, overflow_fix=None, verify=True, verify_images=VERIFY_IMAGES):
+                         bias_correction=32, overflow_fix=None, verify=True, verify_images=VERIFY_IMAGES,
+                         repair=True, min_agreement=MIN_AGREEMENT, max_float=MAX_FLOAT_SHARE, weights=None):
     """Quantize a float ONNX detector. Returns (onnx.ModelProto, QuantReport).
 
     bias_correction: number of calibration images used to fold each quantized Conv's mean output
@@ -211,6 +227,10 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     verify: check the written model against the float one (verify.measure_agreement): True holds
     `verify_images` of the calibration folder out of calibration and bias correction to check on; a folder
     checks on its images instead; False skips it.
+    weights: weight rounding, minmax, mse or gptq (ranges.weight_params; None: minmax at 8 bits, gptq
+    below, with the input Hessians of `weight_inputs.HESSIAN_IMAGES` calibration images).
+    repair: where the agreement mAP50-95 is below `min_agreement`, keep the layers that hurt it most float
+    (repair.repair_model), at most `max_float` of the quantized convs (a share, or a count if >= 1).
     """
     t0 = time.perf_counter()
     preprocess = as_preprocess(preprocess)
@@ -229,7 +249,12 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         raise UsageError(f"--target {target} needs symmetric activations (zero-point 0); drop --asymmetric")
     if tgt.name == "tensorrt" and (w_bits, a_bits) != (8, 8):
         notes.append("TensorRT runs int8 only: below 8 bits the model is for simulation, not deployment")
-    cfg = RangeConfig(method=method, a_bits=a_bits, w_bits=w_bits, symmetric=bool(symmetric), percentile=percentile)
+    if weights is None:  # the paper's MinMax at 8 bits; below, GPTQ's error-compensating rounding
+        weights = "minmax" if w_bits == 8 else "gptq"
+    if weights not in WEIGHT_METHODS:
+        raise UsageError(f"--weights {weights!r}: choose one of {', '.join(WEIGHT_METHODS)}")
+    cfg = RangeConfig(method=method, a_bits=a_bits, w_bits=w_bits, symmetric=bool(symmetric), percentile=percentile,
+                      weights=weights)
     if not 50.0 < percentile < 100.0:
         raise UsageError(f"--percentile {percentile}: must be between 50 and 100")
 
@@ -297,21 +322,86 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         derive_sigmoid_ranges(st, {y: x for y, x in derived.items() if x in st.tensors})
     t2 = time.perf_counter()
 
-    report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, overflow_fix, num_images=st.num_images,
-                         skipped=skipped,
-                         float_nodes=dict(plan.float_nodes), float_tensors=dict(plan.float_tensors), tail_nodes=len(plan.head.tail), notes=notes)
+    placement = dict(keep_first=keep_first, keep_head=keep_head, exclude=exclude)
+    hessians = {}
+    if cfg.weights == "gptq" and calib is not None:
+        from .images import list_images
+        from .weight_inputs import HESSIAN_IMAGES, collect_hessians
+
+        t5 = time.perf_counter()
+        n = min(HESSIAN_IMAGES, num_images) if num_images else HESSIAN_IMAGES
+        hessians = collect_hessians(prepared, set(plan.weights),
+                                    list_images(calib, num_images=n, seed=seed, exclude=held_out), pp,
+                                    batch_size=batch_size, threads=threads)
+        seconds_hessians = round(time.perf_counter() - t5, 3)
+    elif cfg.weights == "gptq":
+        notes.append("--weights gptq needs images (give --calib with --stats): mse clips, rounded to nearest")
+
+    def build(extra_float, placed_as=None):
+        """The model and its report with `extra_float` ({compute node: why}) kept float, and placed as the
+        target `placed_as` (None: the run's own), from the same statistics: what a repair changes is
+        placement, never calibration."""
+        report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, overflow_fix, num_images=st.num_images,
+                             skipped=skipped, notes=list(notes))
+        place = get_target(placed_as) if placed_as else tgt
+        plan, act, choices = _place_and_choose(prepared, place, st, cfg, pp, placement, extra_float, report)
+        graph = prepared.graph.copy()  # the rewrite edits its graph: every build starts from the float one
+        weights = _quantize_weights(graph, plan, act, cfg, overflow_fix, report, hessians)
+        if hessians:
+            report.seconds["hessians"] = seconds_hessians
+        float_graph = graph.copy()
+        out = to_model(insert_qdq(graph, plan, act, weights), prepared.source)
+        if bias_correction and calib is not None:
+            t3 = time.perf_counter()
+            bc_images = min(bias_correction, num_images) if num_images else bias_correction
+            out = _bias_corrected(prepared, float_graph, plan, act, weights, out, calib, pp, bc_images, seed, report,
+                                  threads, batch_size, held_out)
+            report.seconds["bias_correction"] = round(time.perf_counter() - t3, 3)
+        elif bias_correction:
+            report.notes.append("bias correction skipped: it needs images (give --calib with --stats)")
+        for entry in out.opset_import:  # QuantizeLinear with an axis needs 13 (other domains keep their version)
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = max(entry.version, 13)
+        _check_output(out, prepared.source)
+        return out, report
+
+    out, report = build({})
+    if verify_paths:
+        t4 = time.perf_counter()
+        report.agreement = _verify(model, prepared, out, verify_paths, pp, tgt, threads, report.notes, batch_size)
+        if repair and report.agreement.map50_95 is not None and report.agreement.map50_95 < min_agreement:
+            from .repair import repair_model
+
+            out, report = repair_model(build, out, report, lambda m: _verify(model, prepared, m, verify_paths, pp,
+                                                                             tgt, threads, [], batch_size),
+                                       prepared, verify_paths, pp, min_agreement, max_float)
+        report.seconds["verify"] = round(time.perf_counter() - t4, 3)
+    elif verify_note:
+        report.notes.append(verify_note)
+    _stamp_metadata(out, report)
+    report.seconds.update({"calibrate": round(t2 - t0, 3), "total": round(time.perf_counter() - t0, 3)})
+    return out, report
+
+
+def _place_and_choose(prepared, tgt, st, cfg, pp, placement, extra_float, report):
+    """(plan, QParams per tensor, RangeChoice per tensor): placement, then ranges; a depthwise conv that one
+    input scale starves is placed float in a second placement (what fed it in int8 then feeds it float)."""
+    plan = plan_quantization(prepared.graph, tgt, float_nodes=extra_float or None, **placement)
     act, choices, float_tensors = choose_ranges(prepared, plan, st, cfg, pp)
     starved = starved_depthwise(prepared.graph, plan, act, st)
-    if starved:  # placement again with those convs float: what fed them in int8 now feeds them float values
-        plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude,
-                                 float_nodes=starved)
+    if starved:
+        plan = plan_quantization(prepared.graph, tgt, float_nodes={**starved, **extra_float}, **placement)
         act, choices, float_tensors = choose_ranges(prepared, plan, st, cfg, pp)
-        report.float_nodes = dict(plan.float_nodes)
-        report.float_tensors = dict(plan.float_tensors)
-    report.float_tensors.update(float_tensors)
-    report.activations.extend(choices[name] for name in sorted(choices) if name in act)
+    report.float_nodes = dict(plan.float_nodes)
+    report.float_tensors = {**plan.float_tensors, **float_tensors}
+    report.tail_nodes = len(plan.head.tail)
+    report.activations = [choices[name] for name in sorted(choices) if name in act]
+    return plan, act, choices
+
+
+def _quantize_weights(graph, plan, act, cfg, overflow_fix, report, hessians=None) -> dict:
+    """{node: WeightQuant} for every planned weight whose input is quantized; rows and notes on `report`."""
     weights = {}
-    graph = prepared.graph
     nodes = {n.name: n for n in graph.nodes}
     for node_name, site in plan.weights.items():
         node = nodes[node_name]
@@ -322,7 +412,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         w = node.inputs[1].values
         reads_image = node_name in plan.reads_image
         bits = weight_bits(cfg.w_bits, overflow_fix, reads_image, x)
-        wq = weight_params(site.weight, w, site.axis, bits, _bias_scale_floor(node, act, w.shape[site.axis]))
+        wq = weight_params(site.weight, w, site.axis, bits, _bias_scale_floor(node, act, w.shape[site.axis]),
+                           cfg.weights, (hessians or {}).get(node_name))
         if wq is None:
             report.float_nodes[node_name] = "weight holds NaN/Inf"
             continue
@@ -334,32 +425,9 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
                                "scale_max": float(wq.scale.max()), "raised_channels": wq.raised})
     raised = [wq.raised for wq in weights.values() if wq.raised]
     if raised:
-        notes.append(f"{sum(raised)} output channel(s) of {len(raised)} layer(s) hold near-zero weights beside a "
-                     f"bias: their weight scale is raised so that the int32 bias holds it")
-
-    float_graph = graph.copy()
-    out = to_model(insert_qdq(graph, plan, act, weights), prepared.source)
-    if bias_correction and calib is not None:
-        t3 = time.perf_counter()
-        bc_images = min(bias_correction, num_images) if num_images else bias_correction
-        out = _bias_corrected(prepared, float_graph, plan, act, weights, out, calib, pp, bc_images, seed, report,
-                              threads, batch_size, held_out)
-        report.seconds["bias_correction"] = round(time.perf_counter() - t3, 3)
-    elif bias_correction:
-        notes.append("bias correction skipped: it needs images (give --calib with --stats)")
-    for entry in out.opset_import:  # QuantizeLinear with an axis needs 13 (other domains keep their version)
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = max(entry.version, 13)
-    _check_output(out, prepared.source)
-    if verify_paths:
-        t4 = time.perf_counter()
-        report.agreement = _verify(model, prepared, out, verify_paths, pp, tgt, threads, notes)
-        report.seconds["verify"] = round(time.perf_counter() - t4, 3)
-    elif verify_note:
-        notes.append(verify_note)
-    _stamp_metadata(out, report)
-    report.seconds.update({"calibrate": round(t2 - t0, 3), "total": round(time.perf_counter() - t0, 3)})
-    return out, report
+        report.notes.append(f"{sum(raised)} output channel(s) of {len(raised)} layer(s) hold near-zero weights "
+                            f"beside a bias: their weight scale is raised so that the int32 bias holds it")
+    return weights
 
 
 def _verification_images(calib, verify, n, seed):
@@ -380,7 +448,7 @@ def _verification_images(calib, verify, n, seed):
     return held, held, None
 
 
-def _verify(model, prepared, out, paths, pp, tgt, threads, notes):
+def _verify(model, prepared, out, paths, pp, tgt, threads, notes, batch_size=None):
     from .verify import measure_agreement
 
     runtime = tgt.runtime
@@ -391,7 +459,8 @@ def _verify(model, prepared, out, paths, pp, tgt, threads, notes):
             notes.append("verified on onnxruntime: OpenVINO is not installed")
             runtime = "ort"
     source = model if isinstance(model, (str, os.PathLike)) else prepared.source
-    return measure_agreement(source, out, paths, pp, prepared.inputs, runtime=runtime, threads=threads)
+    return measure_agreement(source, out, paths, pp, prepared.inputs, runtime=runtime, threads=threads,
+                             batch_size=batch_size)
 
 
 def choose_ranges(prepared, plan, st, cfg, pp):
@@ -427,6 +496,10 @@ def choose_ranges(prepared, plan, st, cfg, pp):
     own = [(name, site) for name, site in sorted(plan.activations.items())
            if site.share is None and name not in bounded and name not in sigmoid_of and name != image
            and name not in plan.regions]
+    unseen = [name for name, site in own if name not in st.tensors or any(m not in st.tensors for m in site.merge)]
+    for name in unseen:  # a placement made after calibration (a repair) can ask for a tensor never observed
+        float_tensors[name] = "not observed in calibration"
+    own = [(name, site) for name, site in own if name not in unseen]
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # the searches release the GIL
         for (name, _), choice in zip(own, pool.map(lambda item: params_of(*item), own)):
             record(name, choice)
@@ -451,11 +524,25 @@ def choose_ranges(prepared, plan, st, cfg, pp):
             continue
         y_seen = st.tensors[y]
         choose(name, range_only(*silu_input_range(reader_grid(y), y_seen.mx), y_seen), "silu-range")
+    def sigmoid_range(name, x):
+        q = act[x]
+        lo, hi = (sigmoid((v - q.zero_point) * q.scale) for v in (q.qmin, q.qmax))
+        choose(name, range_only(lo, hi, st.tensors[bounded[x]]), "sigmoid-range")
+
     for name, x in sorted(sigmoid_of.items()):
-        if x in act:
-            q = act[x]
-            lo, hi = (sigmoid((v - q.zero_point) * q.scale) for v in (q.qmin, q.qmax))
-            choose(name, range_only(lo, hi, st.tensors[bounded[x]]), "sigmoid-range")
+        if x not in act:
+            continue
+        sigmoid_range(name, x)
+        y = bounded[x]
+        for _ in range(4):  # the grid's rounded zero point can leave x's lowest level just short
+            if name not in act or y not in act or silu_int8_floor_level(act[x], act[name], act[y]) == act[y].zero_point:
+                break
+            # the int8 SiLU of x's lowest level is not 0: the Sigmoid's rounding lifted it a level; x then
+            # reaches down to where the Sigmoid rounds to 0
+            lo, hi = choices[x].clip
+            floor = min(lo, sigmoid_rounds_to_zero_below(act[name])) - act[x].scale
+            choose(x, range_only(floor, hi, st.tensors[y]), "silu-range")
+            sigmoid_range(name, x)
     opset = prepared.model.opset_import[0].version
     for name, region in sorted(plan.regions.items()):
         y = plan.root_site(region.y).tensor if region.y in plan.activations else None
@@ -666,6 +753,7 @@ def _stamp_metadata(model, report: QuantReport):
     meta.update({
         "onnxq.version": __version__,
         "onnxq.method": report.config.method,
+        "onnxq.weights": report.config.weights,
         "onnxq.bits": f"W{report.config.w_bits}A{report.config.a_bits}",
         "onnxq.symmetric_activations": json.dumps(report.config.symmetric),
         "onnxq.overflow_fix": report.overflow_fix,
@@ -680,6 +768,8 @@ def _stamp_metadata(model, report: QuantReport):
         meta["onnxq.agreement"] = json.dumps({"map50_95": a.map50_95, "map50": a.map50, "images": a.images,
                                               "runtime": a.runtime,
                                               "min_output_sqnr_db": a.to_json()["min_output_sqnr_db"]})
+    if report.repair is not None:
+        meta["onnxq.repair"] = json.dumps(report.repair.to_json())
     del model.metadata_props[:]
     for k in sorted(meta):
         model.metadata_props.add(key=k, value=meta[k])

@@ -8,3 +8,9 @@ OVERFLOW_FIXES = ("auto", "first", "all", "none")
 # images held out of the calibration folder to check the quantized model on: enough boxes for a stable
 # agreement mAP
 VERIFY_IMAGES = 32
+# verify-and-repair: below this agreement mAP50-95 with the float model a quantized model is repaired
+MIN_AGREEMENT = 70.0
+# ...keeping at most this share of its quantized convs float
+MAX_FLOAT_SHARE = 0.1
+# weight rounding: the paper's per-channel MinMax, each channel's clip by least squared error, or GPTQ
+WEIGHT_METHODS = ("minmax", "mse", "gptq")

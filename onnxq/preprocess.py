@@ -119,19 +119,46 @@ PRESETS = {
 }
 
 
+AUTO = "auto"  # --preset auto: chosen by trying the candidates on images (onnxq.preprocess_probe)
+
+
+@dataclass(frozen=True)
+class AutoPreprocess:
+    """--preset auto, still to be resolved where the model and images are known (api.resolve_preprocess).
+
+    fixed: ((field, value), ...) that flags set, kept in every candidate; images: paths to probe on where
+    the caller that resolves it has none of its own (the CLI's --calib or --data)."""
+
+    fixed: tuple = ()
+    images: tuple = ()
+
+    def to_dict(self):
+        return None  # nothing is chosen yet: a statistics file's preprocessing is not checked against it
+
+
 def preset(name: str) -> Preprocess:
     if name not in PRESETS:
-        raise UsageError(f"--preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
+        raise UsageError(f"--preset {name!r}: choose one of {', '.join([AUTO] + sorted(PRESETS))}")
     return PRESETS[name]
 
 
-def as_preprocess(value) -> Preprocess | None:
-    """What the Python API takes as `preprocess`: a Preprocess, a preset name, a dict of its fields, or
-    None (resolved from the model later)."""
-    if value is None or isinstance(value, Preprocess):
+def with_probe_images(pp, folder, num_images=None, seed=0):
+    """An AutoPreprocess given the images under `folder` to probe on (what a command's --calib lists); any
+    other value, or none without a folder, as it is."""
+    if not isinstance(pp, AutoPreprocess) or pp.images or not folder:
+        return pp
+    from .images import list_images  # images imports this module
+
+    return replace(pp, images=tuple(list_images(folder, num_images=num_images, seed=seed)))
+
+
+def as_preprocess(value):
+    """What the Python API takes as `preprocess`: a Preprocess, a preset name ("auto" among them: an
+    AutoPreprocess), a dict of its fields, or None (resolved from the model later)."""
+    if value is None or isinstance(value, (Preprocess, AutoPreprocess)):
         return value
     if isinstance(value, str):
-        return preset(value)
+        return AutoPreprocess() if value == AUTO else preset(value)
     if isinstance(value, dict):
         return Preprocess.from_dict(value)
     raise UsageError(f"preprocess {value!r}: expected a Preprocess, a preset name or a dict")
@@ -154,11 +181,12 @@ def preprocess_from_args(args, default: Preprocess | None):
 
     Returns (default, "default") when no flag is given (so None stays None: the caller
     then resolves from model metadata or the detected family). Flags given without a
-    preset or default start from the ultralytics preset.
+    preset or default start from the ultralytics preset. --preset auto gives an AutoPreprocess that keeps
+    the flags' fields in every candidate it tries.
     """
     pp, source = default, "default"
     name = getattr(args, "preset", None)
-    if name:
+    if name and name != AUTO:
         pp, source = preset(name), f"preset {name}"
     changes = {}
     if getattr(args, "order", None):
@@ -188,6 +216,8 @@ def preprocess_from_args(args, default: Preprocess | None):
         except ValueError as exc:
             raise UsageError(f"preprocessing flags: {exc}") from None
         source = "flags" if source == "default" else f"{source} + flags"
+    if name == AUTO:  # the flags fix their fields in every candidate; auto tries the rest
+        return AutoPreprocess(tuple(sorted(changes.items()))), "preset auto" + (" + flags" if changes else "")
     return pp, source
 
 

@@ -33,6 +33,7 @@ class RangeConfig:
     w_bits: int = 8
     symmetric: bool = False
     percentile: float = 99.99
+    weights: str = "minmax"  # weight rounding: minmax, mse or gptq (weight_params)
 
 
 @dataclass
@@ -124,6 +125,20 @@ def silu_input_bounds(y: QParams):
         return lo, 0.0
     hi = _bisect(lambda t: _silu(t) - top, 0.0, top + 50.0)  # SiLU(x) > x - 0.28 for x > 0: a root below top + 1
     return lo, hi
+
+
+def silu_int8_floor_level(x: QParams, s: QParams, y: QParams) -> int:
+    """The level y takes for the lowest x on x's grid where a runtime computes SiLU in int8 (onnxruntime's
+    QLinearSigmoid then QLinearMul): Sigmoid(x) rounded on s's grid, times x, rounded on y's grid. For
+    very negative x SiLU is 0, so this should be y's zero point."""
+    xv = (x.qmin - x.zero_point) * x.scale
+    sv = (float(quantized_levels(np.array([1.0 / (1.0 + math.exp(-xv))]), s)[0]) - s.zero_point) * s.scale
+    return int(quantized_levels(np.array([xv * sv]), y)[0])
+
+
+def sigmoid_rounds_to_zero_below(s: QParams) -> float:
+    """The x below which Sigmoid(x) rounds to 0 on s's grid (zero point 0): where x * Sigmoid(x) is 0 too."""
+    return -math.log(1.0 / (0.49 * s.scale) - 1.0)
 
 
 def silu_input_range(y: QParams, y_max: float):
@@ -265,17 +280,27 @@ def weight_bits(w_bits, overflow_fix, reads_image, input_params=None) -> int:
     return 7 if covered else w_bits
 
 
-def weight_params(name, w: np.ndarray, axis: int, bits: int, min_scale=None) -> WeightQuant | None:
-    """Symmetric per-channel MinMax; None (stay float) if the weight holds NaN or Inf.
+def weight_params(name, w: np.ndarray, axis: int, bits: int, min_scale=None, method="minmax",
+                  hessian=None) -> WeightQuant | None:
+    """Symmetric per channel; None (stay float) if the weight holds NaN or Inf.
 
-    min_scale: per channel, a floor on the scale (bias_scale_floor)."""
+    method: minmax (the paper's), mse (each channel's clip by the least squared rounding error) or gptq
+    (the mse clip, then GPTQ's error-compensating rounding with the layer's input Hessian; without one,
+    or for a weight other than a Conv's, rounding to nearest). min_scale: per channel, a floor on the
+    scale (bias_scale_floor)."""
     if not np.all(np.isfinite(w)):
         warnings.warn(f"weight {name} holds NaN or Inf; its layer stays float")
         return None
     qmax = 2 ** (bits - 1) - 1
-    absmax = np.asarray(search.per_channel_absmax(np.ascontiguousarray(w, dtype=np.float32), axis), dtype=np.float64)
-    # zero checked in float32, where the scale is stored: a channel of values around 1e-44 is 0 there
-    scale = (absmax / qmax).astype(np.float32).astype(np.float64)
+    if method in ("mse", "gptq"):
+        from .weight_rounding import mse_scales
+
+        scale = np.asarray(mse_scales(w, axis, bits), dtype=np.float32).astype(np.float64)
+    else:
+        absmax = np.asarray(search.per_channel_absmax(np.ascontiguousarray(w, dtype=np.float32), axis),
+                            dtype=np.float64)
+        # zero checked in float32, where the scale is stored: a channel of values around 1e-44 is 0 there
+        scale = (absmax / qmax).astype(np.float32).astype(np.float64)
     zero = scale <= 0
     if zero.any():
         # any scale represents an all-zero channel; a typical one keeps the int32 bias scale sane
@@ -289,6 +314,10 @@ def weight_params(name, w: np.ndarray, axis: int, bits: int, min_scale=None) -> 
         raised = int(np.count_nonzero(scale < min_scale))
         scale = np.maximum(scale, min_scale)
     scale = scale.astype(np.float32)
+    if method == "gptq" and hessian is not None and axis == 0 and w.ndim == 4:
+        from .weight_rounding import gptq_quantize
+
+        return WeightQuant(q=gptq_quantize(w, hessian, scale, bits), scale=scale, raised=raised)
     shape = [1] * w.ndim
     shape[axis] = -1
     q = np.clip(np.round(w / scale.reshape(shape).astype(np.float64)), -qmax, qmax).astype(np.int8)

@@ -89,7 +89,8 @@ def _coco_scores(reference, candidate, sizes, num_classes):
     return 100.0 * max(float(ev.stats[0]), 0.0), 100.0 * max(float(ev.stats[1]), 0.0), len(anns)
 
 
-def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort", threads=None) -> Agreement:
+def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort", threads=None,
+                      batch_size=None) -> Agreement:
     """Run the float model (onnxruntime) and the quantized one (on `runtime`) over `paths`.
 
     float_model: a path or ModelProto; quant_model: a ModelProto. inputs: model.ModelInputs."""
@@ -113,7 +114,7 @@ def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort"
         signal, noise = {}, {}
         reference, candidate, sizes = [], [], []
         count = 0
-        for batch in iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size()):
+        for batch in iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size(batch_size)):
             feed = {inputs.image: batch.images, **inputs.extras, **image_inputs(inputs, batch)}
             f_out, q_out = f_run(feed), q_run(feed)
             for name, a, b in zip(f_run.output_names, f_out, q_out):

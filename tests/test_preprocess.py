@@ -100,7 +100,7 @@ def test_preset_overrides_default_and_flags_override_preset():
 
 @pytest.mark.parametrize("argv, match", [
     (["--preset", "yolov9"],
-     "--preset 'yolov9': choose one of darknet, fastestdet, nanodet, picodet, ultralytics, yolox"),
+     "--preset 'yolov9': choose one of auto, darknet, fastestdet, nanodet, picodet, ultralytics, yolox"),
     (["--mean", "1,2"], "--mean '1,2': expected three numbers, got 2"),
     (["--mean", "a,b,c"], "--mean 'a,b,c': expected three numbers"),
     (["--std", "1,0,1"], "--std '1,0,1': a standard deviation of 0"),

@@ -94,3 +94,27 @@ def test_a_layout_eval_cannot_decode_gets_output_sqnr_only():
                                      keep_first=False)
     a = report.agreement
     assert a.map50_95 is None and "SQNR only" in a.note and np.isfinite(a.output_sqnr_db["score"])
+
+
+def test_damaged_statistics_are_caught_and_repaired(yolov5n_w8a8):
+    """A layer's range cut to a twentieth (statistics gone wrong) drops the agreement; the repair finds the
+    layer from the accumulated error and keeps it float, from the same statistics."""
+    from onnxq.api import collect_stats
+    from onnxq.derived import range_only
+
+    _, clean_report = yolov5n_w8a8
+    stats, _ = collect_stats(YOLOV5N, CALIB_DIR / "images", num_images=16)
+    conv_inputs = [c.tensor for c in clean_report.activations if c.method == "uh" and c.tensor.endswith(".silu")]
+    victim = sorted(conv_inputs)[len(conv_inputs) // 3]
+    seen = stats.tensors[victim]
+    stats.tensors[victim] = range_only(seen.mn, seen.mx / 20, seen)
+    options = dict(stats=stats, bias_correction=0, verify_images=8, target="qyolo")
+    _, broken = quantize_with_report(YOLOV5N, CALIB_DIR / "images", repair=False, **options)
+    q, fixed = quantize_with_report(YOLOV5N, CALIB_DIR / "images", min_agreement=90.0, max_float=4, **options)
+    assert broken.agreement.map50_95 < clean_report.agreement.map50_95 - 10.0
+    assert fixed.repair is not None and fixed.repair.before == pytest.approx(broken.agreement.map50_95)
+    assert fixed.repair.after > fixed.repair.before + 10.0 and fixed.repair.met
+    readers = {w["node"] for w in clean_report.weights} - {w["node"] for w in fixed.weights}
+    assert readers and set(readers) <= set(fixed.float_nodes)
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert json.loads(meta["onnxq.repair"])["met"] is True

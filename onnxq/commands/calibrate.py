@@ -25,11 +25,12 @@ def register(sub):
 def run(args):
     from ..api import collect_stats
     from ..model import parse_input_values
-    from ..preprocess import imgsz_from_args, preprocess_from_args
+    from ..preprocess import imgsz_from_args, preprocess_from_args, with_probe_images
 
     quiet_warnings(args.verbose)
     check_writable(args.output)
     pp, _ = preprocess_from_args(args, default=None)
+    pp = with_probe_images(pp, args.calib, args.num_images, args.seed)  # for --preset auto
     t0 = time.perf_counter()
     stats, notes = collect_stats(args.model, args.calib, preprocess=pp, imgsz=imgsz_from_args(args),
                                  input_values=parse_input_values(args.input),

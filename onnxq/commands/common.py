@@ -49,7 +49,10 @@ def add_preprocess_arguments(parser):
     g.add_argument("--preset", metavar="NAME", help="ultralytics (RGB /255 centred letterbox), yolox (BGR 0-255 "
                                                     "top-left letterbox), nanodet (BGR mean/std stretch), "
                                                     "fastestdet (BGR /255 stretch), picodet (RGB /255 ImageNet "
-                                                    "mean/std stretch), darknet (RGB /255 stretch)")
+                                                    "mean/std stretch), darknet (RGB /255 stretch), or auto: "
+                                                    "try these and their variants on a few of the images and keep "
+                                                    "the one the model detects with most confidence (other flags "
+                                                    "fix their fields)")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--bgr", dest="order", action="store_const", const="bgr", help="feed BGR")
     order.add_argument("--rgb", dest="order", action="store_const", const="rgb", help="feed RGB")

@@ -59,8 +59,8 @@ def run(args):
     if explicit is None:
         stored = preprocess_from_metadata({p.key: p.value for p in quant.metadata_props})
         pp, source = (stored, "quantized model's metadata") if stored is not None else resolve_preprocess(prepared, None)
-    else:
-        pp = explicit
+    else:  # --preset auto tries its candidates on the whole folder, not only the few images compared
+        pp, source = resolve_preprocess(prepared, explicit, source, images=list_images(args.calib))
     paths = list_images(args.calib, num_images=args.num_images)
     batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=1))
     with tqdm(total=len(paths), desc="comparing", unit="img", disable=args.no_progress, leave=False) as bar:

@@ -21,7 +21,8 @@ settings): every (box, class) pair scoring above conf 0.001 is a candidate, the 
 NMS at IoU 0.7, and at most 300 detections per image are kept. deploy: one class per box (its best class,
 scored by that class), class-aware NMS at IoU 0.65, the same conf and caps. Models with NMS in the graph keep
 their own detections (capped at 300) under both. Preprocessing: the flags, else the model's onnxq metadata,
-else the detected family's preset (the table says where it came from, and when it is a guess)."""
+else the detected family's preset (the table says where it came from, and when it is a guess); --preset auto
+tries the candidates on a few of the folder's images."""
 
 
 def register(sub):
@@ -52,7 +53,7 @@ def run(args):
     from ..evaluate.families import parse_anchors
     from ..evaluate.pipeline import evaluate_model
     from ..model import parse_input_values
-    from ..preprocess import imgsz_from_args, preprocess_from_args
+    from ..preprocess import AutoPreprocess, imgsz_from_args, preprocess_from_args
 
     quiet_warnings(args.verbose)
     for path in (args.json, args.save_dets):
@@ -64,7 +65,7 @@ def run(args):
                        num_images=positive("--num-images", args.num_images),
                        threads=positive("--threads", args.threads), progress=not args.no_progress,
                        save_dets=args.save_dets, anchors=parse_anchors(args.anchors) if args.anchors else None)
-    source = pp_source if pp is not None else r["preprocess_source"]
+    source = r["preprocess_source"] if pp is None or isinstance(pp, AutoPreprocess) else pp_source
     r["preprocess_source"] = source
     print_table([[r["model"], r["runtime"], r["preprocess_text"], source, r["family"], r["images"]]],
                 ["model", "runtime", "preprocessing", "from", "family", "images"])

@@ -4,16 +4,18 @@ import collections
 
 from ..cpu import SATURATION
 from ..targets import get_target
-from .common import add_model_input_arguments, add_placement_arguments, add_verbose, print_table, write_json
+from .common import (add_model_input_arguments, add_placement_arguments, add_preprocess_arguments, add_verbose,
+                     print_table, write_json)
 
 
 def register(sub):
     p = sub.add_parser("inspect", help="show inputs, outputs, ops, the decode tail and what quantize would touch")
     p.add_argument("model", help="ONNX model")
     add_placement_arguments(p.add_argument_group("placement (as quantize would place it)"))
-    p.add_argument("--imgsz", metavar="H[,W]", help="input size for models with dynamic height/width")
     p.add_argument("--json", metavar="PATH", help="write the same as JSON")
     p.add_argument("--all", action="store_true", help="list every tensor quantize would touch")
+    p.add_argument("--calib", metavar="DIR", help="images for --preset auto to try the candidates on")
+    add_preprocess_arguments(p)
     add_model_input_arguments(p)
     add_verbose(p)
     p.set_defaults(handler=run)
@@ -57,29 +59,26 @@ def _family_text(info) -> str:
 
 
 def describe(model_path, target="ort", imgsz=None, input_values=None, keep_first=None, keep_head=None, exclude=(),
-             overflow_fix=None) -> dict:
-    """What quantize would see and touch, with quantize's placement options (None: the target's choice)."""
+             overflow_fix=None, preprocess=None, preprocess_source="flags", images=None) -> dict:
+    """What quantize would see and touch, with quantize's placement options (None: the target's choice).
+    preprocess: as quantize takes it (None: from the model; "auto" tries the candidates on `images`)."""
     import onnx
 
     from ..api import prepare_model, resolve_preprocess
     from ..cpu import int8_dot_saturates
+    from ..evaluate.families import detect_family_or_none
     from ..model import opset_of
     from ..passes.select import plan_quantization
+    from ..preprocess import as_preprocess
     from ..ranges import weight_bits
 
     prepared = prepare_model(model_path, imgsz=imgsz, input_values=input_values)
     src = prepared.source
-    pp, pp_source = resolve_preprocess(prepared, None)
+    pp, pp_source = resolve_preprocess(prepared, as_preprocess(preprocess), preprocess_source, images=images)
     tgt = get_target(target)
     plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
     overflow_fix = tgt.overflow_fix if overflow_fix is None else overflow_fix
-    try:
-        from ..evaluate.families import detect_family_or_none, preset_source
-        family = detect_family_or_none(prepared.model, prepared.inputs.hw)
-    except ImportError:
-        family = None
-    if family is not None and pp_source == f"preset {family.preset} (detected {family.name} outputs)":
-        pp_source = preset_source(family, {p.key: p.value for p in src.metadata_props})  # says when it is a guess
+    family = detect_family_or_none(prepared.model, prepared.inputs.hw)
     init = {i.name for i in src.graph.initializer}
     tail_ops = collections.Counter(n.op for n in prepared.graph.nodes if n.name in plan.head.tail)
     return {
@@ -115,11 +114,13 @@ def describe(model_path, target="ort", imgsz=None, input_values=None, keep_first
 
 def run(args):
     from ..model import parse_input_values
-    from ..preprocess import imgsz_from_args
+    from ..preprocess import imgsz_from_args, preprocess_from_args, with_probe_images
 
+    pp, pp_source = preprocess_from_args(args, default=None)
     info = describe(args.model, args.target, imgsz_from_args(args), parse_input_values(args.input),
                     keep_first=args.keep_first, keep_head=args.keep_head, exclude=args.exclude,
-                    overflow_fix=args.overflow_fix)
+                    overflow_fix=args.overflow_fix, preprocess=with_probe_images(pp, args.calib),
+                    preprocess_source=pp_source)
     print(f"model      {info['model']}  (opset {info['opset']}, IR {info['ir_version']})")
     for i in info["inputs"]:
         print(f"input      {i['name']} {i['shape']} {i['type']}")

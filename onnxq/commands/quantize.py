@@ -2,7 +2,7 @@
 
 import sys
 
-from ..choices import BITS, METHODS, VERIFY_IMAGES
+from ..choices import BITS, MAX_FLOAT_SHARE, METHODS, MIN_AGREEMENT, VERIFY_IMAGES, WEIGHT_METHODS
 from ..errors import UsageError
 from ..fileio import check_writable
 from .common import (add_calibration_arguments, add_model_input_arguments, add_placement_arguments,
@@ -28,6 +28,13 @@ def register(sub):
     v.add_argument("--no-verify", action="store_true", help="skip the check")
     v.add_argument("--verify-images", type=int, default=VERIFY_IMAGES, metavar="N",
                    help=f"images to check on (default {VERIFY_IMAGES})")
+    v.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT, metavar="A",
+                   help=f"repair a model whose agreement mAP50-95 with the float model is below A (default "
+                        f"{MIN_AGREEMENT:g}); if the repair misses it, the model is written and the exit status is 3")
+    v.add_argument("--max-float", type=float, default=MAX_FLOAT_SHARE, metavar="N",
+                   help=f"the repair keeps at most this share (or, from 1 up, this count) of the quantized convs "
+                        f"float (default {MAX_FLOAT_SHARE:g})")
+    v.add_argument("--no-repair", action="store_true", help="verify only")
     q = p.add_argument_group("quantization")
     q.add_argument("--method", choices=METHODS, default="uh",
                    help="activation ranges: uh (Q-YOLO, default), minmax, percentile, mse, entropy")
@@ -39,6 +46,10 @@ def register(sub):
                      help="symmetric activations (int8, zero-point 0); forced by --target tensorrt")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric activations (uint8)")
     q.add_argument("--percentile", type=float, help="for --method percentile (default 99.99)")
+    q.add_argument("--weights", choices=WEIGHT_METHODS,
+                   help="weight rounding: minmax (Q-YOLO), mse (each channel's clip by least squared error) or gptq "
+                        "(the mse clip, then error-compensating rounding with each conv's input Hessian); default "
+                        "minmax at 8 bits, gptq below")
     add_placement_arguments(q)
     q.add_argument("--report", metavar="FILE.json", help="write every quantized tensor's range, scale, zero-point, "
                                                          "clip ratio and MSE")
@@ -53,7 +64,7 @@ def options_from_args(args):
     """The keyword options of onnxq.quantize() that the CLI flags give."""
     from ..api import parse_bits
     from ..model import parse_input_values
-    from ..preprocess import imgsz_from_args, preprocess_from_args
+    from ..preprocess import imgsz_from_args, preprocess_from_args, with_probe_images
 
     if args.bits and (args.w_bits or args.a_bits):
         raise UsageError("give --bits, or --w-bits and --a-bits, not both")
@@ -62,9 +73,14 @@ def options_from_args(args):
         raise UsageError(f"--bias-correction {args.bias_correction}: a number of images, 0 to turn it off")
     if args.no_verify and args.verify:
         raise UsageError("give --verify DIR or --no-verify, not both")
+    if not 0 <= args.min_agreement <= 100:
+        raise UsageError(f"--min-agreement {args.min_agreement}: an mAP50-95 between 0 and 100")
+    if not args.max_float > 0:
+        raise UsageError(f"--max-float {args.max_float}: a share above 0, or a count")
     if args.percentile is not None and args.method != "percentile":
         raise UsageError(f"--percentile is for --method percentile (this run uses {args.method})")
     explicit_pp, _ = preprocess_from_args(args, default=None)
+    explicit_pp = with_probe_images(explicit_pp, args.calib, args.num_images, args.seed)  # for --preset auto
     percentile = 99.99 if args.percentile is None else args.percentile
     return dict(method=args.method, w_bits=w_bits, a_bits=a_bits, symmetric=args.symmetric,
                 percentile=percentile, target=args.target, keep_first=args.keep_first, keep_head=args.keep_head,
@@ -75,7 +91,8 @@ def options_from_args(args):
                 threads=positive("--threads", args.threads), progress=not args.no_progress,
                 bias_correction=args.bias_correction, overflow_fix=args.overflow_fix,
                 verify=False if args.no_verify else (args.verify or True),
-                verify_images=positive("--verify-images", args.verify_images))
+                verify_images=positive("--verify-images", args.verify_images), repair=not args.no_repair,
+                min_agreement=args.min_agreement, max_float=args.max_float, weights=args.weights)
 
 
 def run(args):
@@ -94,6 +111,10 @@ def run(args):
     if args.report:
         write_json(args.report, report.to_json())
     print_summary(report, args.output)
+    if report.repair is not None and not report.repair.met:
+        print(f"onnxq quantize: {args.output}: written, but its agreement with the float model "
+              f"({report.repair.after:.1f}) misses --min-agreement {report.repair.threshold:g}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -125,7 +146,7 @@ def print_summary(report, output):
     rows.append(["float compute ops", len(report.float_nodes), "-", "-", "-"])
     rows.append(["decode-tail ops (float)", report.tail_nodes, "-", "-", "-"])
     print(f"onnxq quantize: {report.model} -> {output}")
-    print(f"  target {report.target}, method {cfg.method}, W{cfg.w_bits}A{cfg.a_bits}, "
+    print(f"  target {report.target}, method {cfg.method}, W{cfg.w_bits}A{cfg.a_bits} ({cfg.weights} weights), "
           f"{'symmetric' if cfg.symmetric else 'asymmetric'} activations, "
           f"{report.num_images} calibration images, preprocessing {report.preprocess.describe()} "
           f"({report.preprocess_source})")
@@ -137,4 +158,6 @@ def print_summary(report, output):
         print(f"  float: {n} x {why}")
     if report.agreement is not None:
         print(f"  {report.agreement.describe()}")
+    if report.repair is not None:
+        print(f"  {report.repair.describe()}")
     print(f"  done in {report.seconds.get('total', 0):.1f} s")

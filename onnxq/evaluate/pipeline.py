@@ -8,7 +8,7 @@ import numpy as np
 from ..errors import OnnxqError
 from .coco import category_map, image_index_many, load_sets, score, to_results
 from .decoders import DecodeError, decode_protocols
-from .families import PADDLE_INPUTS, detect_family, parse_anchors, preset_source
+from .families import PADDLE_INPUTS, detect_family, parse_anchors
 from .nms import CONF_THRESHOLD, IOU_THRESHOLD, MAX_CANDIDATES, MAX_DETECTIONS, PROTOCOLS, nms
 
 NMS_IN_GRAPH_NOTE = "NMS in the graph: both protocols score the graph's own detections (capped at max_det)"
@@ -60,17 +60,25 @@ def detect_image(runner, family, inputs, batch, conf=CONF_THRESHOLD, iou=IOU_THR
     return detect_batch(runner, family, inputs, batch, conf, ious, max_det, (protocol,))[protocol]
 
 
-def resolve_preprocess(model, family, pp=None):
-    """(Preprocess, where it came from): explicit > the model's onnxq metadata > the family's preset."""
-    from ..preprocess import PRESETS, preprocess_from_metadata
+def resolve_preprocess(model, family, pp=None, inputs=None, images=()):
+    """(Preprocess, where it came from): explicit > the model's onnxq metadata > the family's preset.
+    pp may be an AutoPreprocess (--preset auto): tried on `images` (paths) with `inputs` (model.ModelInputs)."""
+    from ..preprocess import PRESETS, AutoPreprocess, preprocess_from_metadata
+    from ..preprocess_probe import choose, guess_source
 
+    fallback = ""
+    if isinstance(pp, AutoPreprocess):
+        pp, source = choose(model, inputs, family, list(images) or list(pp.images), dict(pp.fixed))
+        if pp is not None:
+            return pp, source
+        fallback = f"{source}; "
     if pp is not None:
         return pp, "flags"
     meta = {p.key: p.value for p in model.metadata_props}
     stored = preprocess_from_metadata(meta)
     if stored is not None:
-        return stored, "model metadata"
-    return PRESETS[family.preset], preset_source(family, meta)
+        return stored, fallback + "model metadata"
+    return PRESETS[family.preset], fallback + guess_source(family, meta)
 
 
 def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, family=None, imgsz=None,
@@ -82,7 +90,8 @@ def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, famil
 
     Every image runs once and is scored under both protocols (nms.PROTOCOLS): result["protocols"] holds
     each one's figures; the top-level figures are the val protocol's. family: a FAMILIES name to override
-    detection. pp: a Preprocess to override the model's metadata and the family's preset. num_images: the
+    detection. pp: a Preprocess to override the model's metadata and the family's preset (an
+    AutoPreprocess, --preset auto, tries the candidates on the folder's images). num_images: the
     first N annotated images by id. anchors: ((w, h), ...) or "W,H,..." for raw darknet heads.
     iou: the val protocol's NMS IoU; deploy_iou: the deploy protocol's (default nms.DEPLOY_IOU_THRESHOLD).
     save_dets: the val protocol's detections, COCO results format.
@@ -107,10 +116,10 @@ def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, famil
     fam = detect_family(model, inputs.hw, override=family, path=str(model_path), anchors=anchors)
     if fam.missing:
         raise OnnxqError(f"{model_path}: {fam.missing}")
-    pp, source = resolve_preprocess(model, fam, pp)
     gt, sources, ann_name = load_sets(data_dir, ann)
     cat_ids = category_map(gt, fam.num_classes, ann_name)
     index, missing = image_index_many(sources, num_images)
+    pp, source = resolve_preprocess(model, fam, pp, inputs, [p for p, _ in index])
     ids = dict(index)
     ious = {"val": iou, "deploy": PROTOCOLS["deploy"].iou if deploy_iou is None else deploy_iou}
     runner = get_runner(runtime, model_path, threads=threads)

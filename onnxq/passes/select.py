@@ -279,6 +279,8 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
             keep = [r.name for r in readers if r.name not in plan.float_nodes and r.name not in head.tail]
             if len(keep) != len(readers):
                 site.consumers = keep
+    if float_nodes:
+        _exact_inputs(graph, plan, float_nodes)
     if target.int8_elementwise:
         _drop_int8_ops_read_only_float(graph, plan)
 
@@ -606,6 +608,29 @@ def float_readers(tensor: str, graph_readers: list, plan) -> bool:
     if site.consumers is None:
         return False
     return any(r.name not in site.consumers for r in graph_readers)
+
+
+def _exact_inputs(graph, plan, exact_readers):
+    """Convs kept float because one scale starves their channels read float values back to the op that
+    computes them: no Q/DQ on the way, through Concats and other value-moving ops either (their inputs'
+    grids would starve the same channels)."""
+    nodes = {n.name: n for n in graph.nodes}
+    stack = [(nodes[name].inputs[0], nodes[name]) for name in exact_readers if name in nodes and nodes[name].inputs]
+    seen = set()
+    while stack:
+        t, reader = stack.pop()
+        if t is None or (t.name, reader.name) in seen:
+            continue
+        seen.add((t.name, reader.name))
+        site = plan.activations.get(t.name)
+        if site is not None:
+            if site.consumers is None:
+                site.consumers = [r.name for r in t.outputs if r.name not in plan.float_nodes
+                                  and r.name not in plan.head.tail]
+            site.consumers = [c for c in site.consumers if c != reader.name]
+        p = producer(t)
+        if p is not None and p.op in LAYOUT_OPS and p.name not in plan.head.tail:
+            stack.extend((v, p) for v in p.inputs if isinstance(v, gs.Variable) and v.name)
 
 
 def _drop_int8_ops_read_only_float(graph, plan):

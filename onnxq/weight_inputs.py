@@ -1,0 +1,37 @@
+"""The input Hessians GPTQ rounds each conv's weights with: H = 2 X X^T / n of its im2col inputs.
+
+The float model runs over calibration images with the quantized convs'
+inputs exposed; each batch is folded into a fixed-size sum per conv
+(weight_rounding.HessianAccumulator samples a bounded number of positions),
+so memory does not grow with the number of images.
+"""
+
+import numpy as np
+
+HESSIAN_IMAGES = 32  # images for the Hessians: as many as bias correction reads
+
+
+def collect_hessians(prepared, node_names, paths, pp, batch_size=None, threads=None, progress=None) -> dict:
+    """{conv node name: per-group H} for the 2-D Convs among `node_names`, from the float model's inputs."""
+    from .calibrate import make_session, model_with_outputs
+    from .images import iter_batches
+    from .weight_rounding import HessianAccumulator
+
+    convs = [n for n in prepared.graph.nodes if n.name in node_names and n.op == "Conv"
+             and getattr(n.inputs[1], "values", None) is not None and n.inputs[1].values.ndim == 4]
+    if not convs:
+        return {}
+    image, graph_inputs = prepared.inputs.image, {t.name for t in prepared.graph.inputs}
+    exposed = sorted({n.inputs[0].name for n in convs} - graph_inputs)
+    session = make_session(model_with_outputs(prepared.model, exposed), threads) if exposed else None
+    accumulators = {n.name: HessianAccumulator.from_attrs(n.attrs, n.inputs[1].values.shape) for n in convs}
+    for batch in iter_batches(paths, prepared.inputs.hw, pp, batch_size=prepared.inputs.batch_size(batch_size)):
+        feed = {image: batch.images, **prepared.inputs.extras}
+        values = dict(feed)
+        if session is not None:
+            values.update(zip(exposed, session.run(exposed, feed)))
+        for n in convs:
+            accumulators[n.name].add(np.asarray(values[n.inputs[0].name], dtype=np.float32))
+        if progress is not None:
+            progress(len(batch.paths))
+    return {name: acc.hessian() for name, acc in accumulators.items() if acc.n}
