@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 METHODS = ["minmax", "percentile", "mse", "entropy", "uh"]
-BITS = [(8, 8), (6, 6), (4, 4)]
+BITS = [(8, 8), (6, 6), (4, 8), (4, 4)]
 
 
 def _opset13(model, tmp_dir):
@@ -105,6 +105,10 @@ def main():
                     choices=["qyolo", "openvino", "ort", "tensorrt"],
                     help="onnxq rows of these placements (the method rows are qyolo's)")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--weights", nargs="+", default=["minmax", "gptq"], choices=["minmax", "mse", "gptq"],
+                    help="weight rounding of the rows below 8 bits (one row each)")
+    ap.add_argument("--default-row", action="store_true",
+                    help="only FP32 and the default command (ort target, its own calibration, verify and repair on)")
     ap.add_argument("--peers-only", action="store_true", help="FP32 and the peers only")
     ap.add_argument("--json", default=None, help="default results/accuracy.json (accuracy_quick.json with --quick)")
     ap.add_argument("--plot", default=str(C.RESULTS / "accuracy.png"))
@@ -158,7 +162,9 @@ def main():
         qyolo = dict(target="qyolo")
         for w, a in [(w, a) for w, a in BITS if f"W{w}A{a}" in args.bits]:
             for m in methods:
-                configs.append((f"onnxq {m} W{w}A{a}", dict(method=m, w_bits=w, a_bits=a, **qyolo)))
+                for rounding in (args.weights if w < 8 else ["minmax"]):
+                    label = f"onnxq {m} W{w}A{a}" + (f" {rounding} weights" if w < 8 else "")
+                    configs.append((label, dict(method=m, w_bits=w, a_bits=a, weights=rounding, **qyolo)))
         for w, a in [(w, a) for w, a in [(6, 6), (4, 4)] if f"W{w}A{a}" in args.bits]:
             configs.append((f"onnxq uh W{w}A{a} symmetric", dict(method="uh", w_bits=w, a_bits=a, symmetric=True,
                                                                  **qyolo)))
@@ -167,21 +173,28 @@ def main():
             configs.append(("onnxq uh W8A8 --target ort", dict(method="uh", target="ort")))
             configs.append(("onnxq uh W8A8 --target tensorrt", dict(method="uh", target="tensorrt")))
         configs = [(label, opts) for label, opts in configs if opts["target"] in args.targets]
+        if args.default_row:  # what `onnxq quantize in.onnx out.onnx --calib DIR` writes: verify and repair on
+            configs = [("onnxq default (ort, verify + repair)", dict(target="ort", default=True))]
         if args.peers_only:
             configs = []
         pp = None
         for label, opts in configs:
             try:
-                q, report = quantize_with_report(model, C.CALIB / "images", stats=stats_path, num_images=args.images,
-                                                 **opts)
+                if opts.pop("default", False):  # its own calibration: 32 of the images held out to verify on
+                    q, report = quantize_with_report(model, C.CALIB / "images", **opts)
+                else:
+                    q, report = quantize_with_report(model, C.CALIB / "images", stats=stats_path,
+                                                     num_images=args.images, repair=False, **opts)
                 pp = report.preprocess
                 out = tmp / f"{key}-{label.replace(' ', '_').replace('-', '')}.onnx"
                 save_model(q, out)
                 agreement = report.agreement.map50_95 if report.agreement is not None else None
                 # each target's model is scored on the runtime it is for (openvino: OpenVINO's int8 kernels)
+                repair = report.repair.to_json() if report.repair is not None else None
                 evaluate(key, label, out, runtime=get_target(opts["target"]).runtime,
-                         bits=label.split()[2] if "W" in label else "", agreement=agreement,
-                         float_nodes=len(report.float_nodes), quantized_nodes=len(report.weights))
+                         bits=label.split()[2] if "W" in label else "", agreement=agreement, repair=repair,
+                         float_nodes=len(report.float_nodes), quantized_nodes=len(report.weights),
+                         seconds=report.seconds)
             except Exception as exc:  # noqa: BLE001 - one configuration failing is a result too
                 results.append({"model": key, "config": label, "error": str(exc)[:200]})
         if not args.no_peers:
