@@ -6,6 +6,8 @@ configuration in its own process:
   floor-2runs  the same, two runs at once of one onnxruntime thread each (how onnxq schedules its runs)
   onnxq        onnxq quantize --calib (uh, W8A8, default ort target, bias correction on 32 images)
   onnxq-w2     the same with --workers 2
+  onnxq-noverify  onnxq without the check against the float model (--no-verify): what verification costs
+  onnxq-gptq   onnxq with --weights gptq (the input Hessians and GPTQ rounding): what the weight stage costs
   onnxq-1run, onnxq-w2-1run   onnxq and onnxq-w2 with --threads 1: one onnxruntime run per process, so that
                one process leaves a core free (as one process would on a machine with many cores); not
                run by default (--kinds to choose them)
@@ -39,7 +41,8 @@ import _common as C  # noqa: E402
 
 KINDS = ["floor", "floor-2runs", "onnxq", "onnxq-w2", "ort-minmax", "ort-percentile", "ort-entropy", "nncf"]
 ONE_RUN = ["onnxq-1run", "onnxq-w2-1run"]
-REPEATED = ("floor", "floor-2runs", "onnxq", "onnxq-w2", *ONE_RUN)
+STAGES = ["onnxq-noverify", "onnxq-gptq"]  # not run by default either: the cost of verification, of GPTQ
+REPEATED = ("floor", "floor-2runs", "onnxq", "onnxq-w2", *ONE_RUN, *STAGES)
 ORT_STRIDE = 32  # images per onnxruntime collect_data call once the set is larger
 
 
@@ -85,7 +88,9 @@ def run_one(kind, model, n):
             for i, p in enumerate(paths):  # the cycled list as a folder of links
                 (folder / f"{i:05d}_{p.name}").symlink_to(p.resolve())
             q, _ = quantize_with_report(model, folder, method="uh", workers=2 if "-w2" in kind else 1,
-                                        threads=1 if kind.endswith("-1run") else None)
+                                        threads=1 if kind.endswith("-1run") else None,
+                                        verify=kind != "onnxq-noverify",
+                                        weights="gptq" if kind == "onnxq-gptq" else None)
             save_model(q, Path(d) / "q.onnx")
     elif kind.startswith("ort-"):
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
@@ -143,7 +148,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["yolov5n", "yolov8n"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[32, 128, 512])
-    ap.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS + ONE_RUN)
+    ap.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS + ONE_RUN + STAGES)
     ap.add_argument("--peer-max", type=int, default=128, help="largest image count the peers run with")
     ap.add_argument("--repeat", type=int, default=3, help="runs of floor and onnxq per size (median shown)")
     ap.add_argument("--json", default=str(C.RESULTS / "calibration.json"))

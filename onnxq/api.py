@@ -294,8 +294,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
             raise UsageError("give calibration images (--calib DIR) or statistics (--stats FILE)")
         from .calibrate import calibrate
         from .images import list_images
-        pp, pp_source = resolve_preprocess(prepared, preprocess)
         paths = list_images(calib, num_images=num_images, seed=seed, exclude=held_out)
+        pp, pp_source = resolve_preprocess(prepared, preprocess, images=paths)
         if num_images and len(paths) < num_images:
             notes.append(f"--num-images {num_images}: only {len(paths)} images in {calib}")
         skipped = []
@@ -799,8 +799,8 @@ def collect_stats(model, calib, *, preprocess=None, imgsz=None, input_values=Non
     preprocess = as_preprocess(preprocess)
     warm_up()  # while the model is prepared
     prepared = prepare_model(model, imgsz=imgsz, input_values=input_values)
-    pp, source = resolve_preprocess(prepared, preprocess)
     paths = list_images(calib, num_images=num_images, seed=seed)
+    pp, source = resolve_preprocess(prepared, preprocess, images=paths)
     observed, unions = _observed_and_unions(prepared.graph, reusable_tensors(prepared))
     stats = calibrate(prepared.model, prepared.inputs, observed, paths, pp, prepared.hash, batch_size=batch_size,
                       workers=workers, threads=threads, progress=progress, on_skip=on_skip,

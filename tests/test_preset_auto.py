@@ -142,3 +142,11 @@ def test_quantize_with_auto_says_what_it_chose(tmp_path, capsys):
     assert "(auto: BGR /255 stretch = preset fastestdet (score" in capsys.readouterr().out
     r = json.loads(report.read_text())
     assert r["preprocess"] == PRESETS["fastestdet"].to_dict() and r["preprocess_source"].startswith("auto: ")
+
+
+def test_the_python_api_takes_auto_with_the_calibration_images():
+    from onnxq.api import quantize_with_report
+
+    _, report = quantize_with_report(MODELS_DIR / "nanodet_m_320.onnx", CALIB_DIR / "images", num_images=8,
+                                     bias_correction=0, verify=False, preprocess="auto")
+    assert report.preprocess_source.startswith("auto:") and report.preprocess.order == "bgr"
