@@ -18,7 +18,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import __version__
-from .choices import MAX_FLOAT_SHARE, MIN_AGREEMENT, OVERFLOW_FIXES, VERIFY_IMAGES, WEIGHT_METHODS
+from .choices import (CALIBRATION_FLOOR, MAX_FLOAT_SHARE, MIN_AGREEMENT, OVERFLOW_FIXES, VERIFY_IMAGES,
+                      WEIGHT_METHODS)
 from .derived import (derive_sigmoid_ranges, derive_unions, range_only, sigmoid, sigmoid_derived, silu_bounded,
                       union_sources, value_unions)
 from .errors import OnnxqError, UsageError, first_line
@@ -258,7 +259,7 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     if not 50.0 < percentile < 100.0:
         raise UsageError(f"--percentile {percentile}: must be between 50 and 100")
 
-    held_out, verify_paths, verify_note = _verification_images(calib, verify, verify_images, seed)
+    held_out, verify_paths, verify_note = _verification_images(calib, verify, verify_images, seed, num_images)
     if stats is None and calib is not None:
         warm_up()  # while the model is prepared
     st = None
@@ -376,7 +377,10 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
                                                                              tgt, threads, [], batch_size),
                                        prepared, verify_paths, pp, min_agreement, max_float)
         report.seconds["verify"] = round(time.perf_counter() - t4, 3)
-    elif verify_note:
+        if not held_out and verify is True:  # checked on images calibration saw: say so where it is read
+            report.agreement = replace(report.agreement, note=", ".join(
+                n for n in (report.agreement.note, "on calibration images") if n))
+    if verify_note:
         report.notes.append(verify_note)
     _stamp_metadata(out, report)
     report.seconds.update({"calibrate": round(t2 - t0, 3), "total": round(time.perf_counter() - t0, 3)})
@@ -430,8 +434,12 @@ def _quantize_weights(graph, plan, act, cfg, overflow_fix, report, hessians=None
     return weights
 
 
-def _verification_images(calib, verify, n, seed):
-    """(images held out of calibration, images to verify on, why there are none or None)."""
+def _verification_images(calib, verify, n, seed, num_images=None):
+    """(images held out of calibration, images to verify on, a note on where the check ran or None).
+
+    Images are held out only where calibration keeps at least CALIBRATION_FLOOR of its own (or the
+    --num-images asked for): on nanodet, calibrating on 96 of coco128's images instead of 128 cost 0.4
+    mAP50-95. Otherwise the check runs on calibration images and says so."""
     from .images import hold_out, list_images
 
     if verify is False or verify is None:
@@ -441,11 +449,14 @@ def _verification_images(calib, verify, n, seed):
     if calib is None:
         return [], [], "not verified: no images to check the model on (give --verify DIR)"
     found = list_images(calib)
-    if len(found) < 2 * n:
-        return [], [], (f"not verified: {len(found)} calibration images are too few to hold {n} out "
-                        f"(give --verify DIR)")
     held = hold_out(found, n, seed)
-    return held, held, None
+    if len(found) - n >= (num_images or CALIBRATION_FLOOR):
+        return held, held, None
+    if len(found) < n:
+        return [], [], f"not verified: {len(found)} calibration images, fewer than {n} (give --verify DIR)"
+    return [], held, (f"verified on {len(held)} of the calibration images: holding them out would leave "
+                      f"calibration fewer than {num_images or CALIBRATION_FLOOR} (give --verify DIR to check on "
+                      f"unseen images)")
 
 
 def _verify(model, prepared, out, paths, pp, tgt, threads, notes, batch_size=None):

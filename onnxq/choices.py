@@ -14,3 +14,5 @@ MIN_AGREEMENT = 70.0
 MAX_FLOAT_SHARE = 0.1
 # weight rounding: the paper's per-channel MinMax, each channel's clip by least squared error, or GPTQ
 WEIGHT_METHODS = ("minmax", "mse", "gptq")
+# verification holds images out of the calibration folder only where at least this many are left to calibrate on
+CALIBRATION_FLOOR = 128

@@ -40,8 +40,7 @@ class Agreement:
         head = (f"agreement with the float model: mAP50-95 {self.map50_95:.1f}, mAP50 {self.map50:.1f}"
                 if self.map50_95 is not None else "agreement with the float model: no mAP")
         tail = f" ({self.note})" if self.note else ""
-        return (f"{head}; worst output SQNR {sqnr:.1f} dB; {self.images} images not used for calibration, "
-                f"{self.runtime}{tail}")
+        return f"{head}; worst output SQNR {sqnr:.1f} dB; {self.images} images, {self.runtime}{tail}"
 
 
 def _finite(v):

@@ -82,7 +82,16 @@ def test_no_verification_without_images_to_spare(tmp_path):
         (folder / p.name).write_bytes(p.read_bytes())
     _, report = quantize_with_report(YOLOV5N, folder, bias_correction=0)
     assert report.agreement is None and report.num_images == 6
-    assert any("too few to hold" in n for n in report.notes)
+    assert any("not verified: 6 calibration images" in n for n in report.notes)
+
+
+def test_a_folder_too_small_to_spare_images_is_checked_on_calibration_images_and_says_so():
+    """coco128 holds 128 images: holding 32 out would calibrate on 96 (nanodet lost 0.4 mAP50-95 so)."""
+    _, report = quantize_with_report(MODELS_DIR / "fastestdet_352.onnx", CALIB_DIR / "images", bias_correction=0,
+                                     verify_images=8, repair=False)
+    assert report.num_images == 128 and report.agreement.images == 8
+    assert "on calibration images" in report.agreement.note and "on calibration images" in report.agreement.describe()
+    assert any(n.startswith("verified on 8 of the calibration images") for n in report.notes)
 
 
 def test_a_layout_eval_cannot_decode_gets_output_sqnr_only():
