@@ -127,3 +127,21 @@ def test_damaged_statistics_are_caught_and_repaired(yolov5n_w8a8):
     assert readers and set(readers) <= set(fixed.float_nodes)
     meta = {p.key: p.value for p in q.metadata_props}
     assert json.loads(meta["onnxq.repair"])["met"] is True
+
+
+def test_eval_scores_any_model_against_a_float_reference(yolov5n_w8a8, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import VAL_DIR
+    from onnxq.model import save_model
+
+    q, _ = yolov5n_w8a8
+    path = save_model(q, tmp_path / "q.onnx")
+    out = tmp_path / "r.json"
+    run = subprocess.run([sys.executable, "-m", "onnxq", "eval", str(path), "--data", str(VAL_DIR), "--num-images", "4",
+                          "--reference", str(YOLOV5N), "--reference-images", "4", "--no-progress", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    a = json.loads(out.read_text())["agreement"]
+    assert a["images"] == 4 and 50.0 < a["map50_95"] < 100.0 and "agreement with the float model" in run.stdout

@@ -1,6 +1,7 @@
 """onnxq eval model.onnx --data DIR : COCO mAP of a float or quantized model."""
 
 import sys
+from pathlib import Path
 
 from ..backends import BACKENDS
 from ..evaluate.families import FAMILIES
@@ -43,6 +44,11 @@ def register(sub):
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     p.add_argument("--save-dets", metavar="PATH", help="write the detections in COCO results format (JSON)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--reference", metavar="FP32.onnx",
+                   help="also score the model's agreement with this float model (no labels needed): any tool's "
+                        "quantized model, checked as onnxq checks its own")
+    p.add_argument("--reference-images", type=int, default=32, metavar="N",
+                   help="images of --data the agreement runs on (default 32)")
     add_preprocess_arguments(p)
     add_model_input_arguments(p)
     add_verbose(p)
@@ -82,9 +88,31 @@ def run(args):
     note = _saturation_note(args.model, args.runtime)
     if note:
         print(f"note: {note}", file=sys.stderr)
+    if args.reference:
+        agreement = _agreement(args, r)
+        r["agreement"] = agreement.to_json()
+        print(agreement.describe())
     if args.json:
         write_json(args.json, r)
     return 0
+
+
+def _agreement(args, result):
+    """The model's agreement with --reference on the first --reference-images images of --data."""
+    import onnx
+
+    from ..images import list_images
+    from ..model import find_inputs, load_model
+    from ..preprocess import Preprocess
+    from ..verify import measure_agreement
+
+    load_model(args.reference)  # a one-line error for a broken reference file
+    model = onnx.load(args.model)
+    data = Path(args.data)
+    paths = list_images(data / "images" if (data / "images").is_dir() else data)
+    paths = paths[:positive("--reference-images", args.reference_images)]
+    return measure_agreement(args.reference, model, paths, Preprocess.from_dict(result["preprocess"]),
+                             find_inputs(model), runtime=args.runtime, threads=positive("--threads", args.threads))
 
 
 def _nms_text(protocol, nms_in_graph) -> str:
