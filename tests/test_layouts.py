@@ -9,13 +9,14 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from test_evaluate import ground_truth  # one reader of instances.json
 from conftest import MODELS_DIR, VAL_DIR
 from onnx import TensorProto, helper
 
 from onnxq import backends
 from onnxq.cli import main
 from onnxq.errors import OnnxqError, UsageError
-from onnxq.evaluate.coco import COCO80_TO_91, image_index_many, load_sets, score
+from onnxq.evaluate.coco import image_index_many, load_sets, score
 from onnxq.evaluate.decoders import decode, decode_protocols
 from onnxq.evaluate.families import (
     FAMILIES,
@@ -52,17 +53,6 @@ EXPECTED = {
 }
 DECODED = ["picodet_s_320_esnet.onnx", "yolo-fastest-xl_320.onnx", "mbv2-yolov3-nano_320.onnx",
            "yolov10n_from-int8_640.onnx"]
-
-
-def ground_truth(image_id):
-    """{class index: (n,4) xyxy boxes} of one val image."""
-    d = json.loads((VAL_DIR / "instances.json").read_text())
-    out = {}
-    for a in d["annotations"]:
-        if a["image_id"] == image_id:
-            x, y, w, h = a["bbox"]
-            out.setdefault(COCO80_TO_91.index(a["category_id"]), []).append([x, y, x + w, y + h])
-    return {k: np.array(v) for k, v in out.items()}
 
 
 def iou(box, boxes):

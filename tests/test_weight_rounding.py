@@ -160,21 +160,15 @@ def test_hessian_depthwise_and_grouped():
     pads = (1, 1, 1, 1)
     rows = _loop_im2col(x, 3, 3, (1, 1), pads, (1, 1)).astype(np.float64)  # [P, 6*9], columns (c, i, j)
 
-    dw = wr.HessianAccumulator((6, 1, 3, 3), pads=pads, group=6, max_rows=10_000)
-    dw.add(x)
-    H = dw.hessian()
-    assert H.shape == (6, 9, 9)
-    for c in range(6):
-        r = rows[:, c * 9:(c + 1) * 9]
-        np.testing.assert_allclose(H[c], 2 * r.T @ r / len(r), rtol=1e-12, atol=1e-12)
-
-    gr = wr.HessianAccumulator((4, 3, 3, 3), pads=pads, group=2, max_rows=10_000)
-    gr.add(x)
-    H = gr.hessian()
-    assert H.shape == (2, 27, 27)
-    for g in range(2):
-        r = rows[:, g * 27:(g + 1) * 27]
-        np.testing.assert_allclose(H[g], 2 * r.T @ r / len(r), rtol=1e-12, atol=1e-12)
+    # depthwise: one 9 x 9 H per channel; grouped: one 27 x 27 H per group of 3 channels
+    for weight_shape, group, k in (((6, 1, 3, 3), 6, 9), ((4, 3, 3, 3), 2, 27)):
+        acc = wr.HessianAccumulator(weight_shape, pads=pads, group=group, max_rows=10_000)
+        acc.add(x)
+        H = acc.hessian()
+        assert H.shape == (group, k, k)
+        for g in range(group):
+            r = rows[:, g * k:(g + 1) * k]
+            np.testing.assert_allclose(H[g], 2 * r.T @ r / len(r), rtol=1e-12, atol=1e-12)
 
 
 def test_hessian_auto_pad_same_upper():
