@@ -24,7 +24,7 @@ from .derived import (derive_sigmoid_ranges, derive_unions, range_only, sigmoid,
                       union_sources, value_unions)
 from .errors import OnnxqError, UsageError, first_line
 from .kernels import warm_up
-from .model import EXTERNAL_DATA_THRESHOLD, find_inputs, infer_shapes, load_model
+from .model import EXTERNAL_DATA_THRESHOLD, find_inputs, infer_shapes, load_model, opset_of
 from .passes.fold import fold_constants, name_nodes, untie_shared_weights
 from .passes.graph import to_graph, to_model
 from .passes.opset import upgrade_opset
@@ -344,7 +344,8 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
         placement, never calibration."""
         report = QuantReport(prepared.name, tgt.name, cfg, pp, pp_source, overflow_fix, num_images=st.num_images,
                              skipped=skipped, notes=list(notes))
-        place = get_target(placed_as) if placed_as else tgt
+        # another placement, with what the run's runtime accepts kept: TensorRT's parser fails on int32 biases
+        place = replace(get_target(placed_as), quantize_bias=tgt.quantize_bias) if placed_as else tgt
         plan, act, choices = _place_and_choose(prepared, place, st, cfg, pp, placement, extra_float, report)
         graph = prepared.graph.copy()  # the rewrite edits its graph: every build starts from the float one
         weights = _quantize_weights(graph, plan, act, cfg, overflow_fix, report, hessians)
@@ -369,13 +370,16 @@ def quantize_with_report(model, calib=None, *, stats=None, method="uh", w_bits=8
     out, report = build({})
     if verify_paths:
         t4 = time.perf_counter()
-        report.agreement = _verify(model, prepared, out, verify_paths, pp, tgt, threads, report.notes, batch_size)
+        verified_on = []  # where the check ran (OpenVINO missing: onnxruntime), for whichever report is returned
+        report.agreement = _verify(model, prepared, out, verify_paths, pp, tgt, threads, verified_on, batch_size)
+        report.notes.extend(verified_on)
         if repair and report.agreement.map50_95 is not None and report.agreement.map50_95 < min_agreement:
             from .repair import repair_model
 
             out, report = repair_model(build, out, report, lambda m: _verify(model, prepared, m, verify_paths, pp,
                                                                              tgt, threads, [], batch_size),
                                        prepared, verify_paths, pp, min_agreement, max_float)
+            report.notes.extend(n for n in verified_on if n not in report.notes)
         report.seconds["verify"] = round(time.perf_counter() - t4, 3)
         if not held_out and verify is True:  # checked on images calibration saw: say so where it is read
             report.agreement = replace(report.agreement, note=", ".join(
@@ -554,16 +558,20 @@ def choose_ranges(prepared, plan, st, cfg, pp):
             floor = min(lo, sigmoid_rounds_to_zero_below(act[name])) - act[x].scale
             choose(x, range_only(floor, hi, st.tensors[y]), "silu-range")
             sigmoid_range(name, x)
-    opset = prepared.model.opset_import[0].version
+    opset = opset_of(prepared.model)  # the default domain's (opset_import[0] may be com.microsoft's)
     for name, region in sorted(plan.regions.items()):
         y = plan.root_site(region.y).tensor if region.y in plan.activations else None
         x_seen = st.tensors.get(name)
         if x_seen is None or not x_seen.n_finite:
             float_tensors[name] = "no finite value observed"
             continue
-        f = region_function(prepared.graph, region, opset)
         grid = reader_grid(y) if y in act else None  # None: y is read float only
-        lo, hi = region_input_range(f, grid, float(x_seen.mn), float(x_seen.mx))
+        try:
+            f = region_function(prepared.graph, region, opset)
+            lo, hi = region_input_range(f, grid, float(x_seen.mn), float(x_seen.mx))
+        except OnnxqError as exc:  # an activation onnxq cannot evaluate keeps its input float
+            float_tensors[name] = first_line(exc)
+            continue
         choose(name, range_only(lo, hi, x_seen), "activation-range")
     for name, site in plan.activations.items():  # ops that only move values keep their input's parameters
         if site.share is not None and site.share in act:

@@ -182,7 +182,9 @@ def region_input_range(f, y: QParams | None, x_lo: float, x_hi: float):
         if y is None:
             finite = values[np.isfinite(values)]
             y = fine_grid(finite.min(), finite.max()) if finite.size else fine_grid(0.0, 1.0)
-        levels = quantized_levels(values, y)
+        # a NaN (Sqrt of a negative x, 0 * inf) is a level of its own: NaN != NaN would count it as a change
+        # everywhere (lo above hi, or an index past the sweep)
+        levels = np.where(np.isnan(values), y.qmax + 1, quantized_levels(values, y))
     changes = np.flatnonzero(levels != levels[0])
     if changes.size == 0:  # y takes one level over all of x's range: nothing to keep
         return float(xs[0]), float(xs[0])

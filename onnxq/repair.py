@@ -80,6 +80,11 @@ def _upstream_sqnr(tensor, acc, depth=8) -> float:
 SAFEST_PLACEMENT = "qyolo"
 
 
+def _better(candidate, best) -> bool:
+    """The candidate's agreement mAP50-95 beats the best one's (one it could not measure never does)."""
+    return candidate.map50_95 is not None and (best.map50_95 is None or candidate.map50_95 > best.map50_95)
+
+
 def repair_model(build, out, report, verify, prepared, paths, pp, threshold, max_float):
     """(model, report) after the least change that brings the agreement to `threshold`, or the best one
     reached: first the safest placement, where the target's own is another, then the worst layers kept
@@ -90,7 +95,7 @@ def repair_model(build, out, report, verify, prepared, paths, pp, threshold, max
     if report.target != SAFEST_PLACEMENT:
         candidate, candidate_report = build({}, SAFEST_PLACEMENT)
         candidate_report.agreement = verify(candidate)
-        if candidate_report.agreement.map50_95 > best_report.agreement.map50_95:
+        if _better(candidate_report.agreement, best_report.agreement):
             best, best_report, placed_as = candidate, candidate_report, SAFEST_PLACEMENT
     cap = int(max_float) if max_float >= 1 else max(1, int(max_float * len(report.weights)))
     ranking = ranked_layers(prepared, best, best_report, paths, pp)
@@ -101,7 +106,7 @@ def repair_model(build, out, report, verify, prepared, paths, pp, threshold, max
             kept[name] = "kept float by repair (it cost agreement with the float model)"
         candidate, candidate_report = build(dict(kept), placed_as)
         candidate_report.agreement = verify(candidate)
-        if candidate_report.agreement.map50_95 > best_report.agreement.map50_95:
+        if _better(candidate_report.agreement, best_report.agreement):
             best, best_report = candidate, candidate_report
         step *= 2
     repaired = tuple(n for n in kept if n in best_report.float_nodes and n not in report.float_nodes)

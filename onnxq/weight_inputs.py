@@ -31,7 +31,9 @@ def collect_hessians(prepared, node_names, paths, pp, batch_size=None, threads=N
         if session is not None:
             values.update(zip(exposed, session.run(exposed, feed)))
         for n in convs:
-            accumulators[n.name].add(np.asarray(values[n.inputs[0].name], dtype=np.float32))
+            x = np.asarray(values[n.inputs[0].name], dtype=np.float32)
+            for i in range(len(x)):  # a bounded sample per image, not per batch: the same H whatever --batch
+                accumulators[n.name].add(x[i:i + 1])
         if progress is not None:
             progress(len(batch.paths))
     return {name: acc.hessian() for name, acc in accumulators.items() if acc.n}

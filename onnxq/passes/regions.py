@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..errors import OnnxqError, first_line
 from .graph import COMPUTE_OPS, LAYOUT_OPS
 
 # Ops that map each element of x to one element of y (with scalar constants beside x).
@@ -104,13 +105,29 @@ def region_function(graph: gs.Graph, region: Region, opset: int):
     x_info = onnx.helper.make_tensor_value_info(region.x, onnx.TensorProto.FLOAT, ["n"])
     y_info = onnx.helper.make_tensor_value_info(region.y, onnx.TensorProto.FLOAT, None)
     g = onnx.helper.make_graph(protos, "region", [x_info], [y_info], list(initializers.values()))
-    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", max(opset, 13))])
+    # the model's own versions of any other domain its region's ops come from (com.microsoft...)
+    domains = {n.domain for n in protos} - {"", "ai.onnx"}
+    opsets = [onnx.helper.make_opsetid("", max(opset, 13))] + [
+        onnx.helper.make_opsetid(d.domain, d.version) for d in (graph.import_domains or ()) if d.domain in domains]
+    # the least IR version for these opsets: onnx's default is the newest it knows, which an older
+    # onnxruntime refuses ("Unsupported model IR version")
+    model = onnx.helper.make_model(g, opset_imports=opsets,
+                                   ir_version=onnx.helper.find_min_ir_version_for(opsets, True))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the function as written
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types
+        raise OnnxqError(f"activation {' -> '.join(region.nodes)} after {region.x}: onnxruntime cannot evaluate "
+                         f"it: {first_line(exc)}") from exc
 
     def f(xs):
-        return np.asarray(session.run(None, {region.x: np.asarray(xs, dtype=np.float32)})[0]).reshape(-1)
+        try:
+            out = session.run(None, {region.x: np.asarray(xs, dtype=np.float32)})[0]
+        except Exception as exc:
+            raise OnnxqError(f"activation after {region.x}: onnxruntime cannot evaluate it: {first_line(exc)}") from exc
+        return np.asarray(out).reshape(-1)
 
     return f
