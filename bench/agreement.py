@@ -2,8 +2,8 @@
 
 For every model, configurations that keep accuracy and configurations that
 deliberately do not: each quantized with verification on (no repair), its
-agreement mAP50-95 with the float model on 32 held-out calibration images
-recorded, then scored on COCO (coco_val2017_first128 + more500) under both
+agreement mAP50-95 with the float model on 32 calibration images (held out
+where the folder leaves 128 to calibrate on) recorded, then scored on COCO (coco_val2017_first128 + more500) under both
 protocols. The threshold printed is the lowest agreement at which no
 configuration of these models loses more than --max-drop mAP50-95 under
 either protocol; the PNG plots agreement against the drop.
@@ -106,7 +106,8 @@ def main():
     table = [[r["model"], r["config"], f"{r['agreement']:.2f}" if r.get("agreement") is not None else "-",
               f"{r['val_drop']:+.2f}" if "val_drop" in r else "error", f"{r['deploy_drop']:+.2f}" if "val_drop" in r
               else r.get("error", "")[:60]] for r in rows]
-    print(f"Agreement mAP50-95 (32 held-out calibration images) against the real mAP50-95 drop on "
+    print(f"Agreement mAP50-95 (32 calibration images, held out where the folder leaves 128 to calibrate on) "
+          f"against the real mAP50-95 drop on "
           f"coco_val2017_first128 + more500 ({C.stamp()})\n")
     print(C.markdown_table(table, ["model", "configuration", "agreement", "val drop", "deploy drop"]))
     if threshold is None:
