@@ -145,3 +145,17 @@ def test_eval_scores_any_model_against_a_float_reference(yolov5n_w8a8, tmp_path)
     assert run.returncode == 0, run.stderr
     a = json.loads(out.read_text())["agreement"]
     assert a["images"] == 4 and 50.0 < a["map50_95"] < 100.0 and "agreement with the float model" in run.stdout
+
+
+def test_a_broken_reference_is_one_line_before_the_evaluation(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import VAL_DIR
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    run = subprocess.run([sys.executable, "-m", "onnxq", "eval", str(YOLOV5N), "--data", str(VAL_DIR),
+                          "--reference", str(bad), "--no-progress"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and run.stdout == ""
+    assert len(run.stderr.strip().splitlines()) == 1 and str(bad) in run.stderr

@@ -65,6 +65,10 @@ def run(args):
     for path in (args.json, args.save_dets):
         if path:
             check_writable(path)  # before the long run, not after it
+    if args.reference:
+        from ..model import load_model
+
+        load_model(args.reference)  # a broken reference is a one-line error before the long run, not after
     pp, pp_source = preprocess_from_args(args, default=None)
     r = evaluate_model(args.model, args.data, ann=args.ann, runtime=args.runtime, pp=pp, family=args.family,
                        imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input),
@@ -102,11 +106,10 @@ def _agreement(args, result):
     import onnx
 
     from ..images import list_images
-    from ..model import find_inputs, load_model
+    from ..model import find_inputs
     from ..preprocess import Preprocess
     from ..verify import measure_agreement
 
-    load_model(args.reference)  # a one-line error for a broken reference file
     model = onnx.load(args.model)
     data = Path(args.data)
     paths = list_images(data / "images" if (data / "images").is_dir() else data)

@@ -624,13 +624,19 @@ def _exact_inputs(graph, plan, exact_readers):
         seen.add((t.name, reader.name))
         site = plan.activations.get(t.name)
         if site is not None:
-            if site.consumers is None:
-                site.consumers = [r.name for r in t.outputs if r.name not in plan.float_nodes
-                                  and r.name not in plan.head.tail]
-            site.consumers = [c for c in site.consumers if c != reader.name]
+            _stop_reading_dequantized(site, t, reader.name, plan)
         p = producer(t)
         if p is not None and p.op in LAYOUT_OPS and p.name not in plan.head.tail:
             stack.extend((v, p) for v in p.inputs if isinstance(v, gs.Variable) and v.name)
+
+
+def _stop_reading_dequantized(site, tensor, reader, plan):
+    """`reader` reads `tensor`'s float value, no longer its dequantized copy (a site read by every reader
+    first names the quantized ones)."""
+    if site.consumers is None:
+        site.consumers = [r.name for r in tensor.outputs if r.name not in plan.float_nodes
+                          and r.name not in plan.head.tail]
+    site.consumers = [c for c in site.consumers if c != reader]
 
 
 def _drop_int8_ops_read_only_float(graph, plan):
@@ -653,7 +659,4 @@ def _drop_int8_ops_read_only_float(graph, plan):
                 inp = plan.activations.get(t.name) if t is not None else None
                 if inp is None or inp.role == "output":
                     continue  # a conv output keeps its Q (QLinearConv); its readers read its DQ as before
-                if inp.consumers is None:
-                    inp.consumers = [r.name for r in t.outputs if r.name not in plan.float_nodes
-                                     and r.name not in plan.head.tail]
-                inp.consumers = [c for c in inp.consumers if c != node.name]
+                _stop_reading_dequantized(inp, t, node.name, plan)
