@@ -123,7 +123,7 @@ def main():
     val_dirs = C.val_dirs(args.val_sets)
 
     from onnxq.api import collect_stats, quantize_with_report
-    from onnxq.evaluate.coco import evaluate_model
+    from onnxq.evaluate.pipeline import evaluate_model
     from onnxq.model import save_model
     from onnxq.targets import get_target
 

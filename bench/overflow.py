@@ -37,7 +37,7 @@ def main():
 
     from onnxq.api import collect_stats, quantize_with_report
     from onnxq.cpu import int8_dot_saturates
-    from onnxq.evaluate.coco import evaluate_model
+    from onnxq.evaluate.pipeline import evaluate_model
     from onnxq.model import save_model
 
     saturates = int8_dot_saturates()

@@ -106,19 +106,14 @@ def give_memory_back():
 
 
 def make_session(model: onnx.ModelProto, threads=None):
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 4  # fatal only: a failing run reaches the user as one line (OnnxqError), not a log too
+    """The session calibration (and bias correction, compare, the Hessians) runs a model in memory with."""
+    from .backends.ort.runner import create_session, session_options
+
+    # fatal only: a failing run reaches the user as one line (OnnxqError), not a log too
+    opts = session_options(threads, log_severity=4)
     if _exact_growth_arena():
         opts.add_session_config_entry("session.use_env_allocators", "1")
-    # no spinning: the histogram thread runs beside onnxruntime and needs the core spinning would burn
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise OnnxqError(f"onnxruntime cannot run the model: {first_line(exc)}") from exc
+    return create_session(model, opts, "the model")
 
 
 def _feed(inputs, batch):

@@ -23,19 +23,13 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"onnxq.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"onnxq.commands.{name}":
-                continue  # subcommand not built in this checkout
-            raise
-        module.register(sub)
+        importlib.import_module(f"onnxq.commands.{name}").register(sub)
     return parser
 
 
 # argparse destinations that name files a command reads, folders it reads, and files it writes
 _INPUTS = ("model", "models", "float_model", "quant_model", "stats", "ann")
-_INPUT_FOLDERS = ("calib", "data")
+_INPUT_FOLDERS = ("calib", "data", "verify", "val")
 _OUTPUTS = ("output", "json", "report", "save_dets")
 
 
@@ -53,7 +47,10 @@ def refuse_overwriting_inputs(args):
     for dest in _INPUTS:
         value = getattr(args, dest, None)
         inputs.extend(value if isinstance(value, list) else [value] if value else [])
-    folders = [os.path.realpath(getattr(args, d)) for d in _INPUT_FOLDERS if getattr(args, d, None)]
+    folders = []
+    for dest in _INPUT_FOLDERS:
+        value = getattr(args, dest, None)
+        folders.extend(os.path.realpath(v) for v in (value if isinstance(value, list) else [value] if value else []))
     outputs = [(dest, getattr(args, dest, None)) for dest in _OUTPUTS if getattr(args, dest, None) not in (None, "-")]
     for i, (dest, out) in enumerate(outputs):
         for path in inputs:

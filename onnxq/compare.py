@@ -48,27 +48,13 @@ def _qdq_pairs(model: onnx.ModelProto):
     return pairs
 
 
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    ref = ref.astype(np.float64).ravel()
-    noise = ref - test.astype(np.float64).ravel()
-    p_noise = float(np.dot(noise, noise))
-    p_sig = float(np.dot(ref, ref))
-    if p_noise == 0.0:
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """SQNR in dB from the summed squares of the signal and of the error."""
+    if noise <= 0.0:
         return float("inf")
-    if p_sig == 0.0:
+    if signal <= 0.0:
         return float("-inf")
-    return 10.0 * np.log10(p_sig / p_noise)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0.0 and nb == 0.0:
-        return 1.0
-    if na == 0.0 or nb == 0.0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
+    return 10.0 * float(np.log10(signal / noise))
 
 
 class _Accumulator:
@@ -85,11 +71,7 @@ class _Accumulator:
         self.nb += nb
 
     def sqnr(self):
-        if self.noise == 0.0:
-            return float("inf")
-        if self.sig == 0.0:
-            return float("-inf")
-        return 10.0 * np.log10(self.sig / self.noise)
+        return sqnr_from_sums(self.sig, self.noise)
 
     def cosine(self):
         if self.sig == 0.0 and self.nb == 0.0:

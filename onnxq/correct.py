@@ -80,3 +80,69 @@ def apply_bias_shift(graph: gs.Graph, shifts_by_node: dict) -> int:
         bias.values = (bias.values.astype(np.float64) + shift).astype(bias.values.dtype)
         changed += 1
     return changed
+
+
+def bias_shifts(graph, spec, quant_model, inputs, batches, threads=None) -> dict:
+    """{quantized Conv with a constant bias: its output's mean shift}, measured on `quant_model` (`spec`
+    applied without shifts) over `batches`; the rewrite adds them to the float biases (apply_bias_shift)."""
+    nodes = {n.name: n for n in graph.nodes}
+    convs = [n for n in sorted(spec.weights) if nodes[n].op == "Conv" and len(nodes[n].inputs) > 2
+             and isinstance(nodes[n].inputs[2], gs.Constant)]
+    if not convs:
+        return {}
+    tensors = graph.tensors()
+    sources = {nodes[n].inputs[0].name: _mean_sources(tensors, spec.plan, spec.act, nodes[n].inputs[0].name)
+               for n in convs}
+    quantized = {f: q for parts in sources.values() for f, q, _ in parts}
+    measured = measure_input_means(quant_model, quantized, inputs, batches, threads)
+    means = {}
+    for x, parts in sources.items():
+        if all(f in measured for f, _, _ in parts):
+            means[x] = tuple(np.concatenate([measured[f][k][slice(*sl) if sl else slice(None)]
+                                             for f, _, sl in parts]) for k in (0, 1))
+    shifts = {}
+    for n in convs:
+        node, wq = nodes[n], spec.weights[n].quant
+        x = node.inputs[0].name
+        if x not in means:
+            continue
+        w = node.inputs[1].values
+        shape = [1] * w.ndim
+        shape[0] = -1
+        w_deq = wq.q.astype(np.float64) * wq.scale.reshape(shape).astype(np.float64)
+        shifts[n] = conv_output_shift(w, w_deq, *means[x], int(node.attrs.get("group", 1)))
+    return shifts
+
+
+def _mean_sources(tensors, plan, act, x) -> list:
+    """[(float tensor, its QParams or None, channel slice)] whose per-channel means make up x's, in order.
+
+    A tensor on its inputs' grid has no Q/DQ of its own: a Concat's means are its inputs', a Split
+    piece's a slice of its input's; other such tensors (a MaxPool output) count as exact (None: their
+    conv's weight error is still corrected), as does a tensor left float.
+    """
+    site = plan.activations.get(x)
+    if site is None or not site.implicit:
+        return [(x, act.get(x), None)]
+    node = tensors[x].inputs[0]
+    if node.op == "Concat":
+        return [part for v in node.inputs for part in _mean_sources(tensors, plan, act, v.name)]
+    sizes = [o.shape[1] if o.shape is not None and len(o.shape) > 1 else None for o in node.outputs]
+    if node.op == "Split" and int(node.attrs.get("axis", 0)) in (1, -3) and all(isinstance(c, int) for c in sizes):
+        i = [o.name for o in node.outputs].index(x)
+        return _channel_slice(_mean_sources(tensors, plan, act, node.inputs[0].name), sum(sizes[:i]),
+                              sum(sizes[:i + 1]), tensors)
+    return [(x, None, None)]
+
+
+def _channel_slice(parts, lo, hi, tensors) -> list:
+    """Channels lo:hi of the concatenation of `parts`."""
+    out, start = [], 0
+    for f, q, sl in parts:
+        first, last = sl if sl is not None else (0, tensors[f].shape[1])
+        n = last - first
+        a, b = max(lo, start), min(hi, start + n)
+        if a < b:
+            out.append((f, q, (first + a - start, first + b - start)))
+        start += n
+    return out

@@ -142,16 +142,6 @@ def preset(name: str) -> Preprocess:
     return PRESETS[name]
 
 
-def with_probe_images(pp, folder, num_images=None, seed=0):
-    """An AutoPreprocess given the images under `folder` to probe on (what a command's --calib lists); any
-    other value, or none without a folder, as it is."""
-    if not isinstance(pp, AutoPreprocess) or pp.images or not folder:
-        return pp
-    from .images import list_images  # images imports this module
-
-    return replace(pp, images=tuple(list_images(folder, num_images=num_images, seed=seed)))
-
-
 def as_preprocess(value):
     """What the Python API takes as `preprocess`: a Preprocess, a preset name ("auto" among them: an
     AutoPreprocess), a dict of its fields, or None (resolved from the model later)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .errors import UsageError
-from .preprocess import PRESETS, RESIZE_MODES, Preprocess, prepare
+from .preprocess import PRESETS, RESIZE_MODES, AutoPreprocess, Preprocess, prepare, preprocess_from_metadata
 
 PROBE_IMAGES = 8
 TOP_K = 10
@@ -125,19 +125,16 @@ def load_pictures(paths) -> list:
 
 def session_runner(model, threads=None):
     """A detect_batch runner (feed -> outputs in model order) for an onnx.ModelProto on onnxruntime CPU."""
-    import onnxruntime as ort
+    from .backends.ort.runner import create_session, session_options
 
-    from .backends.ort.runner import session_options
-
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    session = create_session(model, session_options(threads), "the float model")
     names = [o.name for o in session.get_outputs()]
     return lambda feed: session.run(names, feed)
 
 
 def detections(runner, family, inputs, picture, pp):
     """(boxes xyxy in picture pixels, scores, classes) of one picture under pp, deploy protocol."""
-    from .evaluate.pipeline import detect_batch
+    from .evaluate.detect import detect_batch
     from .images import Batch
 
     x, transform = prepare(picture, inputs.hw, pp)
@@ -325,3 +322,46 @@ def guess_source(family, meta=None) -> str:
         return text
     advice = "set it with --preset NAME or flags" if cannot_probe(family) else "try --preset auto, or set it with flags"
     return f"{text[:-1]}; {advice})"
+
+
+def resolve(model, inputs, family_of, explicit=None, explicit_source="flags", images=()):
+    """(Preprocess, where it came from), the one rule quantize, calibrate, inspect, eval and compare share:
+    explicit > onnxq metadata > the detected family's preset > Ultralytics metadata > a guessed family's
+    preset > ultralytics. The
+    source text says "a guess" where the outputs do not tell it.
+
+    family_of(): the model's Family or None, asked only where needed. explicit: a Preprocess, or an
+    AutoPreprocess (--preset auto), which tries the candidates (choose) on `images` (paths; default the
+    ones it carries) and falls back to the rule, saying why, where eval cannot decode the outputs."""
+    from .evaluate.families import is_ultralytics
+
+    fallback = ""
+    if isinstance(explicit, AutoPreprocess):
+        paths = list(images) if images else list(explicit.images)
+        explicit, explicit_source = choose(model, inputs, family_of(), paths, dict(explicit.fixed))
+        fallback = f"{explicit_source}; " if explicit is None else ""
+    if explicit is not None:
+        return explicit, explicit_source
+    meta = {p.key: p.value for p in model.metadata_props}
+    stored = preprocess_from_metadata(meta)
+    if stored is not None:
+        return stored, fallback + "model metadata"
+    family = family_of()
+    known = family is not None and family.preset in PRESETS
+    if known and not family.preset_guess:  # outputs that name their family say more than an exporter's name
+        return PRESETS[family.preset], fallback + guess_source(family, meta)
+    if is_ultralytics(meta):
+        return PRESETS["ultralytics"], fallback + "preset ultralytics (Ultralytics metadata)"
+    if known:
+        return PRESETS[family.preset], fallback + guess_source(family, meta)
+    return PRESETS["ultralytics"], fallback + guess_source(None, meta)
+
+
+def with_probe_images(pp, folder, num_images=None, seed=0):
+    """An AutoPreprocess given the images under `folder` to probe on (what a command's --calib lists); any
+    other value, or none without a folder, as it is."""
+    if not isinstance(pp, AutoPreprocess) or pp.images or not folder:
+        return pp
+    from .images import list_images
+
+    return replace(pp, images=tuple(list_images(folder, num_images=num_images, seed=seed)))

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .choices import BITS, METHODS  # noqa: F401  (named here too: the API checks against them)
+from .choices import PERCENTILE
 from .kernels import search
-from .passes.qdq import QParams, WeightQuant
+from .spec import QParams, WeightQuant
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class RangeConfig:
     a_bits: int = 8
     w_bits: int = 8
     symmetric: bool = False
-    percentile: float = 99.99
+    percentile: float = PERCENTILE
     weights: str = "minmax"  # weight rounding: minmax, mse or gptq (weight_params)
 
 
@@ -50,39 +50,45 @@ class RangeChoice:
     nonfinite: int = 0
 
 
-def _search(method, counts, lo_edge, width, mn, mx, one_sided, cfg, direct=True):
+@dataclass(frozen=True)
+class RangeMethod:
+    """An activation range method: its search over a tensor's histogram, and whether a tensor needs a
+    histogram at all under it (calibration then keeps only its minimum and maximum)."""
+
+    search: object  # (counts, lo_edge, width, mn, mx, one_sided, direct, cfg) -> (method used, lo, hi)
+    needs_histogram: object = None  # (cfg, one_sided, direct) -> bool; None: always
+
+
+def _uh(counts, lo_edge, width, mn, mx, one_sided, direct, cfg):
     bits, sym = cfg.a_bits, cfg.symmetric
-    if method == "uh":
-        if one_sided and (direct or bits < 8):
-            lo, hi, _ = search.uh_range(counts, lo_edge, width, mn, mx, bits, sym)
-            return "uh", lo, hi
-        if bits < 8:  # below 8 bits the rounding error dominates: a two-sided tensor needs its clip too
-            lo, hi, _ = search.mse_range(counts, lo_edge, width, mn, mx, bits, sym)
-            return "mse", lo, hi
-        lo, hi = search.minmax_range(mn, mx)
-        return "minmax", lo, hi
-    if method == "minmax":
-        lo, hi = search.minmax_range(mn, mx)
-        return method, lo, hi
-    if method == "percentile":
-        lo, hi = search.percentile_range(counts, lo_edge, width, mn, mx, cfg.percentile, sym)
-        return method, lo, hi
-    if method == "mse":
-        lo, hi, _ = search.mse_range(counts, lo_edge, width, mn, mx, bits, sym)
-        return method, lo, hi
-    if method == "entropy":
-        lo, hi = search.entropy_range(counts, lo_edge, width, mn, mx, bits, sym)
-        return method, lo, hi
-    raise ValueError(method)
+    if one_sided and (direct or bits < 8):
+        return ("uh",) + search.uh_range(counts, lo_edge, width, mn, mx, bits, sym)[:2]
+    if bits < 8:  # below 8 bits the rounding error dominates: a two-sided tensor needs its clip too
+        return ("mse",) + search.mse_range(counts, lo_edge, width, mn, mx, bits, sym)[:2]
+    return ("minmax",) + search.minmax_range(mn, mx)
+
+
+def _uh_needs_histogram(cfg, one_sided, direct) -> bool:
+    return one_sided and direct if cfg.a_bits == 8 else True
+
+
+RANGE_METHODS = {  # choices.RANGE_METHODS names and describes them
+    "uh": RangeMethod(_uh, _uh_needs_histogram),
+    "minmax": RangeMethod(lambda counts, lo_edge, width, mn, mx, one_sided, direct, cfg:
+                          ("minmax",) + search.minmax_range(mn, mx), lambda cfg, one_sided, direct: False),
+    "percentile": RangeMethod(lambda counts, lo_edge, width, mn, mx, one_sided, direct, cfg: ("percentile",) +
+                              search.percentile_range(counts, lo_edge, width, mn, mx, cfg.percentile, cfg.symmetric)),
+    "mse": RangeMethod(lambda counts, lo_edge, width, mn, mx, one_sided, direct, cfg: ("mse",) +
+                       search.mse_range(counts, lo_edge, width, mn, mx, cfg.a_bits, cfg.symmetric)[:2]),
+    "entropy": RangeMethod(lambda counts, lo_edge, width, mn, mx, one_sided, direct, cfg: ("entropy",) +
+                           search.entropy_range(counts, lo_edge, width, mn, mx, cfg.a_bits, cfg.symmetric)),
+}
 
 
 def needs_histogram(cfg: RangeConfig, one_sided: bool, direct: bool) -> bool:
     """False where the method settles on MinMax for this tensor, so calibration can skip its histogram."""
-    if cfg.method == "minmax":
-        return False
-    if cfg.method == "uh" and cfg.a_bits == 8:
-        return one_sided and direct
-    return True
+    rule = RANGE_METHODS[cfg.method].needs_histogram
+    return True if rule is None else rule(cfg, one_sided, direct)
 
 
 def _clipped_fraction(counts, lo_edge, width, lo_q, hi_q):
@@ -217,7 +223,7 @@ def activation_params(name, hist, one_sided, cfg: RangeConfig, direct=True) -> R
     if counts.size == 0:  # range-only statistics: MinMax is all there is
         used, (lo, hi) = "minmax", search.minmax_range(mn, mx)
     else:
-        used, lo, hi = _search(cfg.method, counts, lo_edge, width, mn, mx, one_sided, cfg, direct)
+        used, lo, hi = RANGE_METHODS[cfg.method].search(counts, lo_edge, width, mn, mx, one_sided, direct, cfg)
     scale, zp, qmin, qmax = search.qparams(lo, hi, cfg.a_bits, cfg.symmetric)
     scale = float(np.float32(scale))
     dtype = np.int8 if cfg.symmetric else np.uint8

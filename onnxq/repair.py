@@ -11,29 +11,54 @@ safest one.
 from dataclasses import dataclass
 
 SENSITIVITY_IMAGES = 4
+AGREEMENT = "agreement with the float model"  # the default check's name (verify.measure_agreement)
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a model must pass: measure(model) -> a result; value(result) -> a figure, or None where it could
+    not be measured; the threshold it must reach (at least, or at most where lower is better)."""
+
+    name: str  # what the figure is, for the messages
+    measure: object
+    value: object
+    threshold: float
+    higher_is_better: bool = True
+
+    def passes(self, result) -> bool:
+        v = self.value(result)
+        return v is not None and (v >= self.threshold if self.higher_is_better else v <= self.threshold)
+
+    def better(self, candidate, best) -> bool:
+        """The candidate's figure beats the best one's (one it could not measure never does)."""
+        c, b = self.value(candidate), self.value(best)
+        return c is not None and (b is None or (c > b if self.higher_is_better else c < b))
 
 
 @dataclass(frozen=True)
 class Repair:
-    before: float  # agreement mAP50-95
+    before: float  # the check's figure (agreement mAP50-95, or the mAP50-95 drop on labels)
     after: float
     kept_float: tuple  # compute nodes the repair kept float, in the order they were added
-    met: bool  # the agreement reached the threshold
+    met: bool  # the figure reached the threshold
     threshold: float
     placement: str | None = None  # the placement the model moved to, where it moved
+    measure: str = AGREEMENT
 
     def to_json(self) -> dict:
-        return {"before": self.before, "after": self.after, "kept_float": list(self.kept_float), "met": self.met,
-                "threshold": self.threshold, "placement": self.placement}
+        out = {"before": self.before, "after": self.after, "kept_float": list(self.kept_float), "met": self.met,
+               "threshold": self.threshold, "placement": self.placement}
+        return out if self.measure == AGREEMENT else {"measure": self.measure, **out}
 
     def describe(self) -> str:
-        verdict = "repaired" if self.met else f"MISSED: still below {self.threshold:g}"
+        side = "below" if self.measure == AGREEMENT else "above"
+        verdict = "repaired" if self.met else f"MISSED: still {side} {self.threshold:g}"
         moved = f"{self.placement}'s placement and " if self.placement else ""
-        return (f"repair: agreement {self.before:.1f} -> {self.after:.1f} with {moved}{len(self.kept_float)} more "
-                f"layer(s) float ({verdict})")
+        return (f"repair: {self.measure} {self.before:.2f} -> {self.after:.2f} with {moved}{len(self.kept_float)} "
+                f"more layer(s) float ({verdict})")
 
 
-def ranked_layers(prepared, quant_model, report, paths, pp) -> list:
+def ranked_layers(prepared, quant_model, spec, paths, pp) -> list:
     """Quantized compute nodes, most damaging first: each scored by the error its quantized tensors add (a
     tensor's accumulated SQNR, float model against quantized model, below that of the nearest measured
     tensors it is computed from). Its input is one; where the target quantizes conv outputs, so is its
@@ -41,7 +66,7 @@ def ranked_layers(prepared, quant_model, report, paths, pp) -> list:
     from .compare import compare_models
     from .images import iter_batches
 
-    quantized = {w["node"] for w in report.weights}
+    quantized = set(spec.weights)
     batches = (b.images for b in iter_batches(paths[:SENSITIVITY_IMAGES], prepared.inputs.hw, pp))
     rows, _ = compare_models(prepared.model, quant_model, batches, prepared.inputs.image, prepared.inputs.extras)
     acc = {r.tensor: r.sqnr_db for r in rows if r.kind != "output"}
@@ -80,37 +105,31 @@ def _upstream_sqnr(tensor, acc, depth=8) -> float:
 SAFEST_PLACEMENT = "qyolo"
 
 
-def _better(candidate, best) -> bool:
-    """The candidate's agreement mAP50-95 beats the best one's (one it could not measure never does)."""
-    return candidate.map50_95 is not None and (best.map50_95 is None or candidate.map50_95 > best.map50_95)
-
-
-def repair_model(build, out, report, verify, prepared, paths, pp, threshold, max_float):
-    """(model, report) after the least change that brings the agreement to `threshold`, or the best one
-    reached: first the safest placement, where the target's own is another, then the worst layers kept
-    float a few at a time, at most `max_float` of the quantized convs (a share, or a count if >= 1).
-    build(extra_float, placed_as) -> (model, report); verify(model) -> Agreement."""
-    before = report.agreement.map50_95
-    best, best_report, placed_as = out, report, None
-    if report.target != SAFEST_PLACEMENT:
-        candidate, candidate_report = build({}, SAFEST_PLACEMENT)
-        candidate_report.agreement = verify(candidate)
-        if _better(candidate_report.agreement, best_report.agreement):
-            best, best_report, placed_as = candidate, candidate_report, SAFEST_PLACEMENT
-    cap = int(max_float) if max_float >= 1 else max(1, int(max_float * len(report.weights)))
-    ranking = ranked_layers(prepared, best, best_report, paths, pp)
+def repair_model(build, first, result, check: Check, prepared, paths, pp, max_float):
+    """(Built, its check result, Repair) after the least change that passes `check`, or the best one reached:
+    first the safest placement, where the target's own is another, then the worst layers kept float a few
+    at a time, at most `max_float` of the quantized convs (a share, or a count if >= 1).
+    build(extra_float, placed_as) -> pipeline.Built; `first` is the run's own Built, `result` its check."""
+    best, best_result, placed_as = first, result, None
+    if first.spec.plan.target != SAFEST_PLACEMENT:
+        candidate = build({}, SAFEST_PLACEMENT)
+        candidate_result = check.measure(candidate.model)
+        if check.better(candidate_result, best_result):
+            best, best_result, placed_as = candidate, candidate_result, SAFEST_PLACEMENT
+    cap = int(max_float) if max_float >= 1 else max(1, int(max_float * len(first.spec.weights)))
+    ranking = ranked_layers(prepared, best.model, best.spec, paths, pp)
     kept, step = {}, 1
-    while ranking and len(kept) < cap and best_report.agreement.map50_95 < threshold:
+    while ranking and len(kept) < cap and not check.passes(best_result):
         take, ranking = ranking[:min(step, cap - len(kept))], ranking[min(step, cap - len(kept)):]
         for name in take:
-            kept[name] = "kept float by repair (it cost agreement with the float model)"
-        candidate, candidate_report = build(dict(kept), placed_as)
-        candidate_report.agreement = verify(candidate)
-        if _better(candidate_report.agreement, best_report.agreement):
-            best, best_report = candidate, candidate_report
+            kept[name] = f"kept float by repair (it cost {check.name})"
+        candidate = build(dict(kept), placed_as)
+        candidate_result = check.measure(candidate.model)
+        if check.better(candidate_result, best_result):
+            best, best_result = candidate, candidate_result
         step *= 2
-    repaired = tuple(n for n in kept if n in best_report.float_nodes and n not in report.float_nodes)
-    moved = SAFEST_PLACEMENT if placed_as and best_report is not report else None
-    best_report.repair = Repair(before, best_report.agreement.map50_95, repaired,
-                                best_report.agreement.map50_95 >= threshold, threshold, moved)
-    return best, best_report
+    repaired = tuple(n for n in kept if n in best.spec.float_nodes and n not in first.spec.float_nodes)
+    moved = SAFEST_PLACEMENT if placed_as and best is not first else None
+    repair = Repair(check.value(result), check.value(best_result), repaired, check.passes(best_result),
+                    check.threshold, moved, check.name)
+    return best, best_result, repair

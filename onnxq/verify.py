@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .compare import sqnr_from_sums
+
 # Float detections above this score are what an application would act on: they are the reference.
 REFERENCE_SCORE = 0.25
 
@@ -45,12 +47,6 @@ class Agreement:
 
 def _finite(v):
     return round(float(v), 3) if math.isfinite(v) else None
-
-
-def _sqnr_db(signal, noise):
-    if noise <= 0:
-        return float("inf")
-    return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
 
 
 def _coco_scores(reference, candidate, sizes, num_classes):
@@ -97,7 +93,7 @@ def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort"
 
     from .backends import get_runner
     from .evaluate.families import detect_family_or_none
-    from .evaluate.pipeline import detect_batch, image_inputs
+    from .evaluate.detect import detect_batch, image_inputs
     from .images import iter_batches
     from .model import save_model
 
@@ -128,9 +124,59 @@ def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort"
                 candidate.extend(detect_batch(lambda _: q_out, family, inputs, batch, protocols=("deploy",))["deploy"])
                 sizes.extend(t.orig_hw for t in batch.transforms)
             count += len(batch.paths)
-    sqnr = {name: _sqnr_db(signal[name], noise[name]) for name in signal}
+    sqnr = {name: sqnr_from_sums(signal[name], noise[name]) for name in signal}
     if family is None:
         return Agreement(count, runtime, None, None, 0, sqnr, "output layout not decoded: output SQNR only")
     map_, map50, boxes = _coco_scores(reference, candidate, sizes, family.num_classes)
     note = "" if map_ is not None else f"the float model found nothing above {REFERENCE_SCORE} on these images"
     return Agreement(count, runtime, map_, map50, boxes, sqnr, note)
+
+
+@dataclass(frozen=True)
+class LabelledCheck:
+    """The quantized model's real mAP50-95 against the float model's, on a labelled COCO folder (`--val`),
+    under both scoring protocols (evaluate.nms.PROTOCOLS)."""
+
+    images: int
+    runtime: str
+    reference: dict  # protocol -> the float model's mAP50-95
+    measured: dict  # protocol -> the quantized model's
+
+    @property
+    def drop(self) -> float:
+        """The larger of the protocols' drops: what an application meets, whichever way it scores."""
+        return max(self.reference[p] - self.measured[p] for p in self.reference)
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "runtime": self.runtime, "fp32": self.reference, "quantized": self.measured,
+                "drop": round(self.drop, 3)}
+
+    def describe(self) -> str:
+        figures = ", ".join(f"{p} {self.reference[p]:.2f} -> {self.measured[p]:.2f}" for p in self.reference)
+        return f"mAP50-95 on labels: {figures} (drop {self.drop:.2f}); {self.images} images, {self.runtime}"
+
+
+def labelled_reference(float_model, val, pp, hw, input_values=None, threads=None, num_images=None) -> dict:
+    """The float model's mAP50-95 per protocol on `val` (onnxruntime), computed once per run."""
+    return _scores(float_model, val, pp, hw, input_values, "ort", threads, num_images)[0]
+
+
+def measure_on_labels(reference, quant_model, val, pp, hw, input_values=None, runtime="ort", threads=None,
+                      num_images=None) -> LabelledCheck:
+    """The quantized model (a ModelProto) scored on `val` beside the float model's `reference` figures.
+    hw: the input size the run fed; input_values: the constants the user gave (--input)."""
+    measured, images = _scores(quant_model, val, pp, hw, input_values, runtime, threads, num_images)
+    return LabelledCheck(images, runtime, dict(reference), measured)
+
+
+def _scores(model, val, pp, hw, input_values, runtime, threads, num_images):
+    import onnx
+
+    from .evaluate.pipeline import evaluate_model
+    from .model import save_model
+
+    with tempfile.TemporaryDirectory(prefix="onnxq-val-") as tmp:
+        path = save_model(model, Path(tmp) / "model.onnx") if isinstance(model, onnx.ModelProto) else model
+        r = evaluate_model(path, val, runtime=runtime, pp=pp, imgsz=hw, input_values=input_values,
+                           num_images=num_images, threads=threads, progress=False)
+    return {p: float(f["map50_95"]) for p, f in r["protocols"].items()}, r["images"]

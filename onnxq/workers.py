@@ -126,7 +126,6 @@ def _worker_main(jobs, results, counted, next_image):
     from .kernels import warm_up
 
     warm_up()  # in a thread, while this one imports the rest and the first job's model loads
-    from . import calibrate  # noqa: F401  (what unpickling a job needs)
 
     def tick(n):
         with counted.get_lock():

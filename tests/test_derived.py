@@ -9,7 +9,8 @@ import pytest
 from conftest import CALIB_DIR, MODELS_DIR
 from onnxq.api import collect_stats, prepare_model, resolve_preprocess
 from onnxq.calibrate import calibrate
-from onnxq.derived import derive_unions, nearest_repeats, union_sources, value_unions
+from onnxq.derived import derive_unions
+from onnxq.request import nearest_repeats, union_sources, value_unions
 from onnxq.images import list_images
 from onnxq.passes.select import plan_quantization
 from onnxq.stats import MinMaxOnly, Stats

@@ -20,7 +20,8 @@ from onnxq.evaluate.families import (
     detect_family_or_none,
 )
 from onnxq.evaluate.nms import box_iou
-from onnxq.evaluate.pipeline import detect_image, evaluate_model, resolve_preprocess
+from onnxq.evaluate.detect import detect_image
+from onnxq.evaluate.pipeline import evaluate_model, resolve_preprocess
 from onnxq.images import iter_batches
 from onnxq.model import find_inputs, load_model
 

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import make_models as mm
 from conftest import CALIB_DIR
-from onnxq.api import _check_output, quantize_with_report
+from onnxq.api import quantize_with_report
+from onnxq.pipeline import check_output as _check_output
 from onnxq.errors import OnnxqError
 
 IMAGES = CALIB_DIR / "images"

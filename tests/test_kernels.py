@@ -259,7 +259,7 @@ def test_qparams_degenerate():
 def test_silu_input_bounds_leave_the_quantized_silu_unchanged(y_lo, y_hi, bits, sym):
     """Clipping x to silu_input_bounds(y) changes no value of SiLU(x) on y's grid (ties aside), and the
     bounds are tight: just inside them, SiLU(x) lands on other grid points than at the bound."""
-    from onnxq.passes.qdq import QParams
+    from onnxq.spec import QParams
     from onnxq.ranges import silu_input_bounds
 
     scale, zp, qmin, qmax = S.qparams(y_lo, y_hi, bits, sym)
@@ -510,7 +510,7 @@ def test_channel_sums_match_onnxruntime_quantize_dequantize(sym):
     from onnx import TensorProto, helper
 
     from onnxq.kernels.channels import channel_sums
-    from onnxq.passes.qdq import QParams
+    from onnxq.spec import QParams
 
     scale, zp = np.float32(0.05), (0 if sym else 37)
     dtype, qmin, qmax, onnx_type = (np.int8, -128, 127, TensorProto.INT8) if sym else \
@@ -541,7 +541,7 @@ def test_channel_sums_split_long_rows_exactly(monkeypatch):
     """Rows longer than ROW_LIMIT (whose int32 level sums could overflow) are summed in pieces: the same
     sums as one piece, also where the last piece is short."""
     from onnxq.kernels import channels
-    from onnxq.passes.qdq import QParams
+    from onnxq.spec import QParams
 
     rng = np.random.default_rng(9)
     x = rng.normal(1.0, 3.0, (2, 3, 7, 11)).astype(np.float32)

@@ -27,7 +27,8 @@ from onnxq.evaluate.families import (
     parse_anchors,
 )
 from onnxq.evaluate.nms import PROTOCOLS
-from onnxq.evaluate.pipeline import detect_batch, evaluate_model, resolve_preprocess
+from onnxq.evaluate.detect import detect_batch
+from onnxq.evaluate.pipeline import evaluate_model, resolve_preprocess
 from onnxq.images import Batch, iter_batches
 from onnxq.model import find_inputs, load_model
 from onnxq.preprocess import Preprocess, Transform
@@ -352,13 +353,14 @@ def test_paddle_nms_export_is_read_with_per_image_scale(built, tmp_path):
     model = load_model(built["paddle"], check=False)
     fam = detect_family(model, (640, 640))
     assert (fam.name, fam.layout, fam.outputs, fam.original_boxes) == ("nms-in-graph", PADDLE, (0, 1), True)
-    assert "a guess" in resolve_preprocess(model, fam)[1]
+    # the graph around yolov8n's head keeps its Ultralytics metadata: no guess
+    assert resolve_preprocess(model, fam)[1] == "preset ultralytics (Ultralytics metadata)"
     # half-size picture: scale_factor is 2, so the default ones would put every box at half its place
     small = tmp_path / "small.png"
     with Image.open(VAL_DIR / "images" / f"{IMAGE:012d}.jpg") as im:
         im.resize((im.width // 2, im.height // 2)).save(small)
     _, inputs, batch = prepared(built["paddle"], small, TOPLEFT)
-    from onnxq.evaluate.pipeline import image_inputs
+    from onnxq.evaluate.detect import image_inputs
     np.testing.assert_allclose(image_inputs(inputs, batch)["scale_factor"], [[2.0, 2.0]], rtol=1e-2)
     found = detect(built["paddle"], small, pp=TOPLEFT)
     ref = detect(YOLOV8, small, pp=TOPLEFT)

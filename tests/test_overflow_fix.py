@@ -129,7 +129,7 @@ def test_onnxruntime_integer_run_matches_the_reference_with_the_fix(tmp_path):
     (8, np.uint8, 0, 255, True, "none", 8),
 ])
 def test_weight_bits(w_bits, dtype, zero, qmax, reads_image, fix, expected):
-    from onnxq.passes.qdq import QParams
+    from onnxq.spec import QParams
     from onnxq.ranges import weight_bits
 
     params = QParams(scale=0.1, zero_point=zero, dtype=dtype, qmin=0 if dtype == np.uint8 else -qmax, qmax=qmax)

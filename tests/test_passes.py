@@ -10,7 +10,8 @@ from onnxq.api import prepare_model
 from onnxq.errors import UsageError
 from onnxq.passes.graph import to_model
 from onnxq.passes.head import find_head
-from onnxq.passes.qdq import QParams, insert_qdq
+from onnxq.passes.qdq import insert_qdq
+from onnxq.spec import QParams
 from onnxq.passes.select import plan_quantization
 from onnxq.targets import TARGETS, get_target
 

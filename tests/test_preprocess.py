@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_make import gradient
-from onnxq.commands.common import add_preprocess_arguments
+from onnxq.commands.common import PREPROCESS
 from onnxq.errors import OnnxqError, UsageError
 from onnxq.images import load_image
 from onnxq.preprocess import (PRESETS, Preprocess, Transform, imgsz_from_args,
@@ -17,7 +17,7 @@ from onnxq.preprocess import (PRESETS, Preprocess, Transform, imgsz_from_args,
 
 def parse(*argv):
     p = argparse.ArgumentParser()
-    add_preprocess_arguments(p)
+    PREPROCESS.add(p)
     return p.parse_args(list(argv))
 
 

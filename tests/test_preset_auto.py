@@ -12,7 +12,7 @@ from conftest import CALIB_DIR, MODELS_DIR
 from make_models import conv_net
 from onnxq.api import prepare_model, resolve_preprocess
 from onnxq.cli import main
-from onnxq.commands.common import add_preprocess_arguments
+from onnxq.commands.common import PREPROCESS
 from onnxq.errors import UsageError
 from onnxq.evaluate.families import detect_family_or_none
 from onnxq.images import list_images
@@ -114,7 +114,7 @@ def test_auto_in_the_api_needs_images():
 
 def test_auto_flags_fix_their_fields(paths):
     p = argparse.ArgumentParser()
-    add_preprocess_arguments(p)
+    PREPROCESS.add(p)
     auto, source = preprocess_from_args(p.parse_args(["--preset", "auto", "--rgb", "--pad", "0"]), None)
     assert auto == AutoPreprocess((("order", "rgb"), ("pad", 0.0))) and source == "preset auto + flags"
     pp, _ = resolve_preprocess(prepare_model(SMALL), auto, images=paths)

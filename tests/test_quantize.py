@@ -10,12 +10,13 @@ import pytest
 from conftest import CALIB_DIR, MODEL_FILES, MODELS_DIR, VAL_DIR
 from onnxq.api import collect_stats, quantize_with_report
 from onnxq.backends import get_runner
-from onnxq.evaluate.coco import detect_image
+from onnxq.evaluate.detect import detect_image
 from onnxq.evaluate.families import detect_family
 from onnxq.images import iter_batches, list_images
 from onnxq.model import find_inputs, save_model
 from onnxq.preprocess import preprocess_from_metadata
-from onnxq.ranges import METHODS, silu_input_range
+from onnxq.choices import METHODS
+from onnxq.ranges import silu_input_range
 
 CALIB_IMAGES = 4  # few images: the suite must stay fast on 2 cores
 
@@ -140,8 +141,8 @@ def test_silu_input_range_recovers_the_observed_maximum(model_stats):
     """Where the SiLU output's grid does not clip, the derived top of x is the largest x calibration saw:
     SiLU is increasing above its minimum, so max x = SiLU^-1(max y)."""
     from onnxq.api import prepare_model
-    from onnxq.derived import silu_bounded
-    from onnxq.passes.qdq import QParams
+    from onnxq.request import silu_bounded
+    from onnxq.spec import QParams
     from onnxq.passes.select import plan_quantization
     from onnxq.stats import Stats
     from onnxq.targets import get_target
@@ -207,7 +208,8 @@ def test_concurrent_runs_and_worker_processes_give_the_statistics_of_one():
     """Calibration runs two batches at once (one onnxruntime thread each) where it has two cores, and with
     --workers the processes claim images as they go; batches then fold in whatever order they finish, in
     whichever process claimed them, and the statistics must not show it."""
-    from onnxq.api import depthwise_tensors, prepare_model, resolve_preprocess
+    from onnxq.api import prepare_model, resolve_preprocess
+    from onnxq.request import depthwise_tensors
     from onnxq.calibrate import calibrate, split_threads
     from onnxq.passes.select import plan_quantization
     from onnxq.targets import get_target
@@ -462,7 +464,8 @@ def test_bias_correction_finds_the_means_of_tensors_without_their_own_qdq():
     """Under --target openvino a Concat output and a Split piece have no Q/DQ of their own: bias correction
     takes a Concat's per-channel means from its inputs, in order, and a Split piece's from its channel slice
     of the Split's input."""
-    from onnxq.api import _mean_sources, prepare_model
+    from onnxq.api import prepare_model
+    from onnxq.correct import _mean_sources
     from onnxq.passes.select import plan_quantization
     from onnxq.targets import get_target
 

@@ -11,7 +11,7 @@ from onnxq.api import prepare_model, quantize_with_report
 from onnxq.images import iter_batches, list_images
 from onnxq.model import find_inputs
 from onnxq.passes.graph import consumers
-from onnxq.passes.qdq import QParams
+from onnxq.spec import QParams
 from onnxq.passes.regions import find_region, region_function
 from onnxq.passes.select import plan_quantization
 from onnxq.ranges import fine_grid, quantized_levels, region_input_range

@@ -11,8 +11,11 @@ from conftest import CALIB_DIR
 from test_regions import ACTIVATIONS, _conv_act_conv, _region
 
 import onnxq.api as api
+import onnxq.choose as choose
+import onnxq.verify as verify_module
 import onnxq.repair as repair
 from onnxq.errors import OnnxqError
+from onnxq.pipeline import Built
 from onnxq.passes.regions import region_function
 from onnxq.ranges import fine_grid, region_input_range
 from onnxq.verify import Agreement
@@ -60,7 +63,7 @@ def test_a_region_onnxruntime_cannot_run_is_an_onnxq_error_and_keeps_its_input_f
     def failing(graph, region, opset):
         raise OnnxqError("activation after x: onnxruntime cannot evaluate it: no kernel")
 
-    monkeypatch.setattr(api, "region_function", failing)
+    monkeypatch.setattr(choose, "region_function", failing)
     q, report = _quantize(_conv_act_conv(ACTIVATIONS["hardswish"][0]))
     assert "x" not in {c.tensor for c in report.activations} and "cannot evaluate" in report.float_tensors["x"]
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "x" for n in q.graph.node)
@@ -104,11 +107,11 @@ def test_repair_moving_a_tensorrt_model_to_qyolos_placement_keeps_its_biases_flo
     on: a --target tensorrt model repaired by moving placement must keep its biases float."""
     calls = []
 
-    def fake_verify(model, prepared, out, paths, pp, tgt, threads, notes, batch_size=None):
+    def fake_verify(float_model, out, paths, pp, inputs, runtime="ort", threads=None, batch_size=None):
         calls.append(out)  # the target's own placement agrees badly, qyolo's well
         return Agreement(len(paths), "ort", 10.0 if len(calls) == 1 else 95.0, 10.0, 5, {})
 
-    monkeypatch.setattr(api, "_verify", fake_verify)
+    monkeypatch.setattr(verify_module, "measure_agreement", fake_verify)
     q, report = api.quantize_with_report(_biased_model(), CALIB_DIR / "images", target="tensorrt", num_images=2,
                                          bias_correction=0, verify=CALIB_DIR / "images", verify_images=1)
     assert report.repair is not None and report.repair.placement == "qyolo"
@@ -120,23 +123,25 @@ def test_repair_ignores_a_candidate_whose_agreement_could_not_be_measured(monkey
     """A candidate whose agreement is None (its layout not decoded) compared with `>` raised TypeError."""
     monkeypatch.setattr(repair, "ranked_layers", lambda *a, **k: ["conv1"])
 
-    def report(target, agreement):
-        return SimpleNamespace(target=target, weights=[{"node": "conv1"}], float_nodes={}, agreement=agreement,
-                               repair=None)
+    def built(target):
+        spec = SimpleNamespace(plan=SimpleNamespace(target=target), weights={"conv1": None}, float_nodes={})
+        return Built(object(), spec)
 
-    start = report("ort", Agreement(4, "ort", 40.0, 50.0, 10, {}))
-    built = []
+    start = built("ort")
+    builds = []
 
     def build(extra_float, placed_as=None):
-        built.append((dict(extra_float), placed_as))
-        return object(), report("ort", None)
+        builds.append((dict(extra_float), placed_as))
+        return built("ort")
 
     def verify(model):
         return Agreement(4, "ort", None, None, 0, {}, "output layout not decoded")
 
-    out, best = repair.repair_model(build, "model", start, verify, None, [], None, 70.0, 1)
-    assert out == "model" and best is start and len(built) == 2
-    assert best.repair.before == best.repair.after == 40.0 and not best.repair.met
+    check = repair.Check("agreement", verify, lambda a: a.map50_95, 70.0)
+    best, agreement, result = repair.repair_model(build, start, Agreement(4, "ort", 40.0, 50.0, 10, {}), check,
+                                                  None, [], None, 1)
+    assert best is start and agreement.map50_95 == 40.0 and len(builds) == 2
+    assert result.before == result.after == 40.0 and not result.met
 
 
 def test_gptq_hessians_sample_each_image_whatever_the_batch():

@@ -159,3 +159,44 @@ def test_a_broken_reference_is_one_line_before_the_evaluation(tmp_path):
                           "--reference", str(bad), "--no-progress"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 1 and run.stdout == ""
     assert len(run.stderr.strip().splitlines()) == 1 and str(bad) in run.stderr
+
+
+def test_with_labels_the_check_and_the_repair_run_on_real_map_under_both_protocols(yolov5n_w8a8):
+    """--val: a layer's range cut to a twentieth drops real mAP50-95 by over 10 points on 24 labelled images;
+    the repair brings the drop under --max-drop by keeping float the layer the accumulated error names."""
+    from conftest import VAL_DIR
+    from onnxq.api import collect_stats
+    from onnxq.derived import range_only
+
+    _, clean_report = yolov5n_w8a8
+    stats, _ = collect_stats(YOLOV5N, CALIB_DIR / "images", num_images=16)
+    conv_inputs = [c.tensor for c in clean_report.activations if c.method == "uh" and c.tensor.endswith(".silu")]
+    victim = sorted(conv_inputs)[len(conv_inputs) // 3]
+    seen = stats.tensors[victim]
+    stats.tensors[victim] = range_only(seen.mn, seen.mx / 20, seen)
+    options = dict(stats=stats, bias_correction=0, target="qyolo", val=VAL_DIR, val_images=24)
+    _, broken = quantize_with_report(YOLOV5N, CALIB_DIR / "images", repair=False, **options)
+    q, fixed = quantize_with_report(YOLOV5N, CALIB_DIR / "images", max_float=4, max_drop=1.0, **options)
+    assert broken.agreement is None and set(broken.labelled.reference) == {"val", "deploy"}
+    assert broken.labelled.drop > 10.0 and broken.labelled.images == 24
+    assert fixed.repair.before == pytest.approx(broken.labelled.drop) and fixed.repair.met
+    assert fixed.labelled.drop <= 1.0 and fixed.labelled.reference == broken.labelled.reference
+    meta = {p.key: p.value for p in q.metadata_props}
+    assert json.loads(meta["onnxq.val_check"])["drop"] == pytest.approx(fixed.labelled.drop, abs=1e-3)
+    assert json.loads(meta["onnxq.repair"])["measure"] == "mAP50-95 drop on labels"
+
+
+def test_val_on_the_command_line_prints_both_protocols_and_refuses_verify_beside_it(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import VAL_DIR
+
+    small = MODELS_DIR / "nanodet_m_320.onnx"
+    base = [sys.executable, "-m", "onnxq", "quantize", str(small), str(tmp_path / "q.onnx"), "--calib",
+            str(CALIB_DIR / "images"), "--num-images", "8", "--val", str(VAL_DIR), "--val-images", "8"]
+    done = subprocess.run(base + ["--max-drop", "100"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "mAP50-95 on labels: val" in done.stdout and "deploy" in done.stdout
+    refused = subprocess.run(base + ["--no-verify"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "drop --verify / --no-verify" in refused.stderr

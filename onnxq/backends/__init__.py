@@ -5,13 +5,36 @@ own offline artifact: optimized graph, IR, engine). `get_runner` is the one
 entry point the rest of onnxq uses to run a model.
 """
 
+import importlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OnnxqError, UsageError, first_line
 
-# "reference": onnxruntime with no graph optimization, so a QDQ model runs as written, DequantizeLinear ->
-# float op -> QuantizeLinear: the model's own arithmetic, the same on every CPU (no int8 kernel to saturate)
-BACKENDS = ("ort", "openvino", "reference")
+
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime onnxq hands models to: the package it needs, its runner ("module.Class" under this package,
+    None where it cannot run models here) and whether `onnxq build` makes its artifact."""
+
+    package: str  # what to pip install
+    runner: str | None
+    options: dict = field(default_factory=dict)  # keyword options its runner is made with
+    precisions: bool = False  # takes --precision (f32, bf16, default)
+    builds: bool = True
+
+
+# The one list build, bench, eval, verification and the targets read: a new runtime is a folder and an entry.
+RUNTIMES = {
+    "ort": Runtime("onnxruntime", "ort.runner.OrtRunner"),
+    # onnxruntime with no graph optimization, so a QDQ model runs as written, DequantizeLinear -> float op ->
+    # QuantizeLinear: the model's own arithmetic, the same on every CPU (no int8 kernel to saturate)
+    "reference": Runtime("onnxruntime", "ort.runner.OrtRunner", {"optimize": False}, builds=False),
+    "openvino": Runtime("openvino", "openvino.runner.OpenVinoRunner", precisions=True),
+    "tensorrt": Runtime("tensorrt", None),  # builds engines; runs on NVIDIA GPUs only
+}
+BACKENDS = tuple(name for name, r in RUNTIMES.items() if r.runner)  # what get_runner runs
+BUILDERS = tuple(name for name, r in RUNTIMES.items() if r.builds)  # what `onnxq build` makes
 PRECISIONS = ("f32", "bf16", "default")
 
 
@@ -51,8 +74,6 @@ def check_model_file(model_path, allow_ir=False) -> Path:
 
 def require(module: str, pip_name: str):
     """Import an optional backend package or fail naming what to pip install."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -60,7 +81,7 @@ def require(module: str, pip_name: str):
 
 
 def get_runner(backend: str, model_path, threads: int | None = None, precision: str | None = None) -> Runner:
-    """A runner for `model_path` on `backend` ("ort", "openvino" or "reference"), CPU.
+    """A runner for `model_path` on `backend` (one of BACKENDS), CPU.
 
     precision only matters for openvino: f32 (default), bf16 or default (the CPU's choice).
     """
@@ -70,17 +91,12 @@ def get_runner(backend: str, model_path, threads: int | None = None, precision: 
         raise UsageError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if threads is not None and threads <= 0:
         raise UsageError(f"threads {threads}: must be positive")
-    if backend in ("ort", "reference"):
-        require("onnxruntime", "onnxruntime")
-        check_model_file(model_path)
-        from .ort.runner import OrtRunner
-
-        return OrtRunner(model_path, threads=threads, optimize=backend == "ort")
-    require("openvino", "openvino")
-    check_model_file(model_path, allow_ir=True)
-    from .openvino.runner import OpenVinoRunner
-
-    return OpenVinoRunner(model_path, threads=threads, precision=precision or "f32")
+    runtime = RUNTIMES[backend]
+    require(runtime.package, runtime.package)
+    check_model_file(model_path, allow_ir=backend == "openvino")
+    module, cls = runtime.runner.rsplit(".", 1)
+    options = dict(runtime.options, **({"precision": precision or "f32"} if runtime.precisions else {}))
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)(model_path, threads=threads, **options)
 
 
-__all__ = ["BACKENDS", "PRECISIONS", "Runner", "get_runner", "check_model_file", "first_line", "require"]
+__all__ = ["RUNTIMES", "BACKENDS", "BUILDERS", "PRECISIONS", "Runner", "get_runner", "check_model_file", "first_line", "require"]

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from ..backends import BACKENDS
 from ..errors import UsageError
 from .common import add_verbose, positive, print_table, quiet_warnings, write_json
 
@@ -9,7 +10,7 @@ from .common import add_verbose, positive, print_table, quiet_warnings, write_js
 def register(sub):
     p = sub.add_parser("bench", help="batch-1 latency (median, p90) and throughput; two models side by side")
     p.add_argument("models", nargs="+", metavar="MODEL", help="one ONNX model, or two to compare (second vs first)")
-    p.add_argument("--runtime", choices=("ort", "openvino"), default="ort")
+    p.add_argument("--runtime", choices=BACKENDS, default="ort")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="inference threads (default: the runtime's)")
     p.add_argument("--runs", type=int, default=50, metavar="N", help="timed runs per model (default 50)")
     p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed runs first (default 10)")

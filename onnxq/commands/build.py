@@ -2,16 +2,16 @@
 
 from pathlib import Path
 
+from ..backends import BUILDERS
 from ..errors import UsageError
 from .common import add_verbose, print_table, quiet_warnings, write_json
 
-BACKENDS = ("ort", "openvino", "tensorrt")
 
 
 def register(sub):
     p = sub.add_parser("build", help="hand a model to a backend: ORT optimized graph, OpenVINO IR, TensorRT engine")
     p.add_argument("model", help="ONNX model (usually the quantized QDQ one)")
-    p.add_argument("--backend", choices=BACKENDS, required=True)
+    p.add_argument("--backend", choices=BUILDERS, required=True)
     p.add_argument("-o", "--output", metavar="PATH",
                    help="ort: optimized .onnx file; openvino: output folder or .xml file; tensorrt: engine file "
                         "(default: beside the model)")

@@ -5,8 +5,7 @@ import re
 from pathlib import Path
 
 from ..errors import OnnxqError, UsageError
-from .common import (add_model_input_arguments, add_preprocess_arguments, add_verbose, print_table, quiet_warnings,
-                     write_json)
+from .common import MODEL_INPUT, PREPROCESS, add_verbose, print_table, quiet_warnings, write_json
 
 
 def register(sub):
@@ -19,8 +18,8 @@ def register(sub):
     p.add_argument("--plots", metavar="DIR", help="PNG histograms of the worst tensors with clip and grid (matplotlib)")
     p.add_argument("--json", metavar="PATH", help="write every row as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_preprocess_arguments(p)
-    add_model_input_arguments(p)
+    PREPROCESS.add(p)
+    MODEL_INPUT.add(p)
     add_verbose(p)
     p.set_defaults(handler=run)
 
@@ -37,8 +36,8 @@ def run(args):
     from ..api import prepare_model, resolve_preprocess
     from ..compare import compare_models, plot_tensor
     from ..images import iter_batches, list_images
-    from ..model import load_model, parse_input_values
-    from ..preprocess import imgsz_from_args, preprocess_from_args, preprocess_from_metadata
+    from ..model import load_model
+    from ..preprocess import preprocess_from_metadata
     from tqdm import tqdm
 
     quiet_warnings(args.verbose)
@@ -50,12 +49,13 @@ def run(args):
         except ImportError:
             raise OnnxqError("--plots needs matplotlib: pip install onnxq[plots]") from None
         Path(args.plots).mkdir(parents=True, exist_ok=True)
-    prepared = prepare_model(args.float_model, imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input))
+    preprocessing = PREPROCESS.parse(args)
+    prepared = prepare_model(args.float_model, imgsz=preprocessing["imgsz"], **MODEL_INPUT.parse(args))
     quant = load_model(args.quant_model, check=False)
     if not any(n.op_type == "DequantizeLinear" for n in quant.graph.node):
         raise OnnxqError(f"{args.quant_model}: has no DequantizeLinear: give the float model first and the "
                          f"quantized one second")
-    explicit, source = preprocess_from_args(args, default=None)
+    explicit, source = preprocessing["preprocess"], preprocessing["preprocess_source"]
     if explicit is None:
         stored = preprocess_from_metadata({p.key: p.value for p in quant.metadata_props})
         pp, source = (stored, "quantized model's metadata") if stored is not None else resolve_preprocess(prepared, None)

@@ -6,15 +6,7 @@ from pathlib import Path
 from ..backends import BACKENDS
 from ..evaluate.families import FAMILIES
 from ..fileio import check_writable
-from .common import (
-    add_model_input_arguments,
-    add_preprocess_arguments,
-    add_verbose,
-    positive,
-    print_table,
-    quiet_warnings,
-    write_json,
-)
+from .common import MODEL_INPUT, PREPROCESS, add_verbose, positive, print_table, quiet_warnings, write_json
 
 DESCRIPTION = """Run a float or quantized detector over the images of a COCO-format folder and score it with
 pycocotools (COCOeval 'bbox') under two protocols, from one run of the model. val (Ultralytics validation
@@ -49,8 +41,8 @@ def register(sub):
                         "quantized model, checked as onnxq checks its own")
     p.add_argument("--reference-images", type=int, default=32, metavar="N",
                    help="images of --data the agreement runs on (default 32)")
-    add_preprocess_arguments(p)
-    add_model_input_arguments(p)
+    PREPROCESS.add(p)
+    MODEL_INPUT.add(p)
     add_verbose(p)
     p.set_defaults(handler=run)
 
@@ -58,8 +50,7 @@ def register(sub):
 def run(args):
     from ..evaluate.families import parse_anchors
     from ..evaluate.pipeline import evaluate_model
-    from ..model import parse_input_values
-    from ..preprocess import AutoPreprocess, imgsz_from_args, preprocess_from_args
+    from ..preprocess import AutoPreprocess
 
     quiet_warnings(args.verbose)
     for path in (args.json, args.save_dets):
@@ -69,9 +60,10 @@ def run(args):
         from ..model import load_model
 
         load_model(args.reference)  # a broken reference is a one-line error before the long run, not after
-    pp, pp_source = preprocess_from_args(args, default=None)
+    preprocessing = PREPROCESS.parse(args)
+    pp, pp_source = preprocessing["preprocess"], preprocessing["preprocess_source"]
     r = evaluate_model(args.model, args.data, ann=args.ann, runtime=args.runtime, pp=pp, family=args.family,
-                       imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input),
+                       imgsz=preprocessing["imgsz"], **MODEL_INPUT.parse(args),
                        num_images=positive("--num-images", args.num_images),
                        threads=positive("--threads", args.threads), progress=not args.no_progress,
                        save_dets=args.save_dets, anchors=parse_anchors(args.anchors) if args.anchors else None)

@@ -4,19 +4,18 @@ import collections
 
 from ..cpu import SATURATION
 from ..targets import get_target
-from .common import (add_model_input_arguments, add_placement_arguments, add_preprocess_arguments, add_verbose,
-                     print_table, write_json)
+from .common import MODEL_INPUT, PLACEMENT, PREPROCESS, add_verbose, print_table, write_json
 
 
 def register(sub):
     p = sub.add_parser("inspect", help="show inputs, outputs, ops, the decode tail and what quantize would touch")
     p.add_argument("model", help="ONNX model")
-    add_placement_arguments(p.add_argument_group("placement (as quantize would place it)"))
+    PLACEMENT.add(p.add_argument_group("placement (as quantize would place it)"))
     p.add_argument("--json", metavar="PATH", help="write the same as JSON")
     p.add_argument("--all", action="store_true", help="list every tensor quantize would touch")
     p.add_argument("--calib", metavar="DIR", help="images for --preset auto to try the candidates on")
-    add_preprocess_arguments(p)
-    add_model_input_arguments(p)
+    PREPROCESS.add(p)
+    MODEL_INPUT.add(p)
     add_verbose(p)
     p.set_defaults(handler=run)
 
@@ -102,7 +101,7 @@ def describe(model_path, target="ort", imgsz=None, input_values=None, keep_first
                         "decode_compute_ops": plan.head.decode_computes},
         "target": target,
         "quantized_compute_ops": sorted(plan.weights),
-        "float_compute_ops": plan.float_nodes,
+        "float_compute_ops": dict(plan.float_nodes),
         "overflow_fix": overflow_fix,
         "seven_bit_weights": sorted(n for n in plan.weights if weight_bits(8, overflow_fix, n in plan.reads_image) < 8),
         "cpu_int8_dot_saturates": int8_dot_saturates(),
@@ -113,14 +112,10 @@ def describe(model_path, target="ort", imgsz=None, input_values=None, keep_first
 
 
 def run(args):
-    from ..model import parse_input_values
-    from ..preprocess import imgsz_from_args, preprocess_from_args, with_probe_images
-
-    pp, pp_source = preprocess_from_args(args, default=None)
-    info = describe(args.model, args.target, imgsz_from_args(args), parse_input_values(args.input),
-                    keep_first=args.keep_first, keep_head=args.keep_head, exclude=args.exclude,
-                    overflow_fix=args.overflow_fix, preprocess=with_probe_images(pp, args.calib),
-                    preprocess_source=pp_source)
+    pp = PREPROCESS.parse(args, probe_folder=args.calib)  # --preset auto tries its candidates on --calib
+    placement = PLACEMENT.parse(args)
+    info = describe(args.model, placement.pop("target"), pp["imgsz"], MODEL_INPUT.parse(args)["input_values"],
+                    preprocess=pp["preprocess"], preprocess_source=pp["preprocess_source"], **placement)
     print(f"model      {info['model']}  (opset {info['opset']}, IR {info['ir_version']})")
     for i in info["inputs"]:
         print(f"input      {i['name']} {i['shape']} {i['type']}")

@@ -2,11 +2,12 @@
 
 import sys
 
-from ..choices import BITS, MAX_FLOAT_SHARE, METHODS, MIN_AGREEMENT, VERIFY_IMAGES, WEIGHT_METHODS
+from ..choices import (BITS, MAX_DROP, MAX_FLOAT_SHARE, METHODS, MIN_AGREEMENT, PERCENTILE, RANGE_METHODS, VERIFY_IMAGES,
+                       WEIGHT_METHODS)
 from ..errors import UsageError
 from ..fileio import check_writable
-from .common import (add_calibration_arguments, add_model_input_arguments, add_placement_arguments,
-                     add_preprocess_arguments, add_verbose, positive, print_table, quiet_warnings, write_json)
+from .common import (CALIBRATION, MODEL_INPUT, PLACEMENT, PREPROCESS, add_verbose, positive, print_table,
+                     quiet_warnings, write_json)
 
 
 def register(sub):
@@ -35,9 +36,16 @@ def register(sub):
                    help=f"the repair keeps at most this share (or, from 1 up, this count) of the quantized convs "
                         f"float (default {MAX_FLOAT_SHARE:g})")
     v.add_argument("--no-repair", action="store_true", help="verify only")
+    v.add_argument("--val", metavar="DIR", action="append",
+                   help="a labelled COCO folder (images/ + instances.json; repeatable, scored as one set): check "
+                        "and repair on real mAP50-95 under both scoring protocols instead of agreement")
+    v.add_argument("--val-images", type=int, metavar="N", help="only the first N annotated images of --val")
+    v.add_argument("--max-drop", type=float, default=MAX_DROP, metavar="D",
+                   help=f"with --val: repair a model whose mAP50-95 drops more than D below the float model's "
+                        f"under either protocol (default {MAX_DROP:g}; exit status 3 if the repair misses it)")
     q = p.add_argument_group("quantization")
     q.add_argument("--method", choices=METHODS, default="uh",
-                   help="activation ranges: uh (Q-YOLO, default), minmax, percentile, mse, entropy")
+                   help="activation ranges: " + "; ".join(f"{k}: {v}" for k, v in RANGE_METHODS.items()))
     q.add_argument("--bits", metavar="WxAy", help="shorthand for --w-bits/--a-bits, e.g. W4A4")
     q.add_argument("--w-bits", type=int, choices=BITS, help="weight bits (default 8)")
     q.add_argument("--a-bits", type=int, choices=BITS, help="activation bits (default 8)")
@@ -45,58 +53,48 @@ def register(sub):
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None,
                      help="symmetric activations (int8, zero-point 0); forced by --target tensorrt")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="asymmetric activations (uint8)")
-    q.add_argument("--percentile", type=float, help="for --method percentile (default 99.99)")
+    q.add_argument("--percentile", type=float, help=f"for --method percentile (default {PERCENTILE:g})")
     q.add_argument("--weights", choices=WEIGHT_METHODS,
                    help="weight rounding: minmax (Q-YOLO), mse (each channel's clip by least squared error) or gptq "
                         "(the mse clip, then error-compensating rounding with each conv's input Hessian); default "
                         "minmax at 8 bits, gptq below")
-    add_placement_arguments(q)
+    PLACEMENT.add(q)
     q.add_argument("--report", metavar="FILE.json", help="write every quantized tensor's range, scale, zero-point, "
                                                          "clip ratio and MSE")
-    add_preprocess_arguments(p)
-    add_model_input_arguments(p)
-    add_calibration_arguments(p)
+    PREPROCESS.add(p)
+    MODEL_INPUT.add(p)
+    CALIBRATION.add(p)
     add_verbose(p)
     p.set_defaults(handler=run)
 
 
 def options_from_args(args):
-    """The keyword options of onnxq.quantize() that the CLI flags give."""
-    from ..api import parse_bits
-    from ..model import parse_input_values
-    from ..preprocess import imgsz_from_args, preprocess_from_args, with_probe_images
+    """The keyword options of onnxq.quantize() that the CLI flags give (QuantConfig.make validates them)."""
+    from ..config import parse_bits
 
     if args.bits and (args.w_bits or args.a_bits):
         raise UsageError("give --bits, or --w-bits and --a-bits, not both")
     w_bits, a_bits = parse_bits(args.bits) if args.bits else (args.w_bits or 8, args.a_bits or 8)
-    if args.bias_correction < 0:
-        raise UsageError(f"--bias-correction {args.bias_correction}: a number of images, 0 to turn it off")
     if args.no_verify and args.verify:
         raise UsageError("give --verify DIR or --no-verify, not both")
-    if not 0 <= args.min_agreement <= 100:
-        raise UsageError(f"--min-agreement {args.min_agreement}: an mAP50-95 between 0 and 100")
-    if not args.max_float > 0:
-        raise UsageError(f"--max-float {args.max_float}: a share above 0, or a count")
+    if args.val and (args.verify or args.no_verify):
+        raise UsageError("--val checks on its labelled images: drop --verify / --no-verify")
     if args.percentile is not None and args.method != "percentile":
         raise UsageError(f"--percentile is for --method percentile (this run uses {args.method})")
-    explicit_pp, _ = preprocess_from_args(args, default=None)
-    explicit_pp = with_probe_images(explicit_pp, args.calib, args.num_images, args.seed)  # for --preset auto
-    percentile = 99.99 if args.percentile is None else args.percentile
+    preprocessing = PREPROCESS.parse(args, probe_folder=args.calib)  # --preset auto probes --calib's images
+    preprocessing.pop("preprocess_source")
     return dict(method=args.method, w_bits=w_bits, a_bits=a_bits, symmetric=args.symmetric,
-                percentile=percentile, target=args.target, keep_first=args.keep_first, keep_head=args.keep_head,
-                exclude=args.exclude, preprocess=explicit_pp,
-                imgsz=imgsz_from_args(args), input_values=parse_input_values(args.input),
-                num_images=positive("--num-images", args.num_images), seed=args.seed,
-                batch_size=positive("--batch", args.batch), workers=positive("--workers", args.workers),
-                threads=positive("--threads", args.threads), progress=not args.no_progress,
-                bias_correction=args.bias_correction, overflow_fix=args.overflow_fix,
+                percentile=args.percentile, weights=args.weights, bias_correction=args.bias_correction,
                 verify=False if args.no_verify else (args.verify or True),
                 verify_images=positive("--verify-images", args.verify_images), repair=not args.no_repair,
-                min_agreement=args.min_agreement, max_float=args.max_float, weights=args.weights)
+                min_agreement=args.min_agreement, max_float=args.max_float, max_drop=args.max_drop,
+                val=(args.val[0] if len(args.val) == 1 else args.val) if args.val else None,
+                val_images=positive("--val-images", args.val_images),
+                **PLACEMENT.parse(args), **preprocessing, **MODEL_INPUT.parse(args), **CALIBRATION.parse(args))
 
 
 def run(args):
-    from ..api import quantize_with_report
+    from ..api import QuantConfig, quantize_with_report
     from ..model import save_model
 
     quiet_warnings(args.verbose)
@@ -105,15 +103,16 @@ def run(args):
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
-    options = options_from_args(args)
-    model, report = quantize_with_report(args.model, args.calib, stats=args.stats, **options)
+    config = QuantConfig.make(**options_from_args(args))
+    model, report = quantize_with_report(args.model, args.calib, stats=args.stats, config=config)
     save_model(model, args.output)
     if args.report:
         write_json(args.report, report.to_json())
     print_summary(report, args.output)
     if report.repair is not None and not report.repair.met:
-        print(f"onnxq quantize: {args.output}: written, but its agreement with the float model "
-              f"({report.repair.after:.1f}) misses --min-agreement {report.repair.threshold:g}", file=sys.stderr)
+        flag = "--min-agreement" if report.labelled is None else "--max-drop"
+        print(f"onnxq quantize: {args.output}: written, but its {report.repair.measure} "
+              f"({report.repair.after:.2f}) misses {flag} {report.repair.threshold:g}", file=sys.stderr)
         return 3
     return 0
 
@@ -158,6 +157,8 @@ def print_summary(report, output):
         print(f"  float: {n} x {why}")
     if report.agreement is not None:
         print(f"  {report.agreement.describe()}")
+    if report.labelled is not None:
+        print(f"  {report.labelled.describe()}")
     if report.repair is not None:
         print(f"  {report.repair.describe()}")
     print(f"  done in {report.seconds.get('total', 0):.1f} s")

@@ -141,11 +141,3 @@ def score(gt, dets, image_ids) -> dict:
         ev.summarize()
     # -1 means "no ground truth of that size here": None rather than a negative percentage
     return {n: float(v) * 100 if v >= 0 else None for n, v in zip(names, ev.stats)}
-
-
-def __getattr__(name):
-    # evaluate_model and detect_image moved to pipeline.py; older imports from here still work
-    if name in ("evaluate_model", "detect_image"):
-        from . import pipeline
-        return getattr(pipeline, name)
-    raise AttributeError(name)

@@ -377,15 +377,16 @@ def _detect_single(s, hw, meta):
         return replace(FAMILIES["yolo-fastestv2"], num_classes=s[1] - 15)
     if len(s) == 3 and s[1] == 3 * cells and s[2] > 5:
         return replace(FAMILIES["ultralytics-v5"], num_classes=s[2] - 5)  # v5 / v7: 3 anchors per cell
-    if len(s) == 3 and s[1] == cells and s[2] > 5 and not _is_ultralytics(meta):
+    if len(s) == 3 and s[1] == cells and s[2] > 5 and not is_ultralytics(meta):
         return replace(FAMILIES["yolox"], num_classes=s[2] - 5)
     if len(s) == 3 and s[2] == cells and s[1] > 4:
         return replace(FAMILIES["ultralytics-v8"], num_classes=s[1] - 4)
     return None
 
 
-def _is_ultralytics(meta) -> bool:
-    return meta.get("author", "").lower().startswith("ultralytics")
+def is_ultralytics(meta: dict) -> bool:
+    """The model was exported by Ultralytics (its metadata names the author, or holds its stride and names)."""
+    return meta.get("author", "").lower().startswith("ultralytics") or ("stride" in meta and "names" in meta)
 
 
 def _outputs_of(model, hw):
@@ -473,6 +474,6 @@ def detect_family(model: onnx.ModelProto, hw, override=None, path="model", ancho
 def preset_source(family: Family, meta=None) -> str:
     """Where a family preset comes from, in words; says so where it is a guess."""
     text = f"preset {family.preset} (detected {family.name} outputs"
-    if family.preset_guess and family.preset == "ultralytics" and _is_ultralytics(meta or {}):
+    if family.preset_guess and family.preset == "ultralytics" and is_ultralytics(meta or {}):
         return text + ", Ultralytics metadata)"
     return text + (f"; {GUESS})" if family.preset_guess else ")")

@@ -7,30 +7,11 @@ behind a per-channel DequantizeLinear; a bias becomes int32 with scale
 input_scale * weight_scale, as integer Conv kernels expect.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..spec import QParams
 from .graph import name_maker
-
-
-@dataclass
-class QParams:
-    """Quantization parameters of one activation tensor (per tensor)."""
-
-    scale: float
-    zero_point: int
-    dtype: type  # np.uint8 or np.int8 (the container)
-    qmin: int  # the integer grid actually used (narrower than the container below 8 bits)
-    qmax: int
-
-
-@dataclass
-class WeightQuant:
-    q: np.ndarray  # int8, same shape as the float weight
-    scale: np.ndarray  # float32 per output channel
-    raised: int = 0  # channels whose scale was raised so that their int32 bias fits (ranges.bias_scale_floor)
 
 
 def _scalar(name, value, dtype):
@@ -54,17 +35,30 @@ def bias_channel_scales(node, w_scale: np.ndarray) -> np.ndarray:
 
 
 def insert_qdq(graph: gs.Graph, plan, act_params: dict, weight_params: dict) -> gs.Graph:
-    """act_params: tensor -> QParams; weight_params: node name -> WeightQuant."""
-    tensors = graph.tensors()
+    """A copy of `graph` with the plan's Q/DQ. act_params: tensor -> QParams; weight_params: node name ->
+    WeightQuant."""
+    graph = graph.copy()
     nodes = {n.name: n for n in graph.nodes}
+    fresh = name_maker(graph)  # every name below is new: a model may already hold `w_scale`
+    dq_params = _quantize_activations(graph, plan, act_params, nodes, fresh)
+    for node_name, site in plan.weights.items():
+        wq = weight_params.get(node_name)
+        if wq is not None:
+            _store_weight(graph, nodes[node_name], site, wq, dq_params, fresh)
+    graph.cleanup().toposort()
+    return graph
+
+
+def _quantize_activations(graph, plan, act_params, nodes, fresh) -> dict:
+    """A Q/DQ pair (and below 8 bits a Clip) behind every planned tensor with parameters, read by the
+    plan's readers. Returns {dequantized tensor name: QParams of the tensor it copies}."""
+    tensors = graph.tensors()
     uses = {}
     for node in graph.nodes:
         for t in node.inputs:
             if t is not None and t.name:
                 uses.setdefault(t.name, []).append(node)
-
-    fresh = name_maker(graph)  # every name below is new: a model may already hold `w_scale`
-    dq_params = {}  # dequantized tensor name -> QParams of the tensor it copies
+    dq_params = {}
     for name, site in plan.activations.items():
         p = act_params.get(name)
         if p is None:
@@ -95,35 +89,33 @@ def insert_qdq(graph: gs.Graph, plan, act_params: dict, weight_params: dict) -> 
             for i, x in enumerate(reader.inputs):
                 if x is not None and x.name == name:
                     reader.inputs[i] = dq_out
+    return dq_params
 
-    for node_name, site in plan.weights.items():
-        wq = weight_params.get(node_name)
-        node = nodes[node_name]
-        if wq is None:
-            continue
-        w = node.inputs[1]
-        axis = site.axis
-        q = gs.Constant(fresh(f"{w.name}_quantized"), wq.q.astype(np.int8))
-        scale = gs.Constant(fresh(f"{w.name}_scale"), wq.scale.astype(np.float32))
-        zp = gs.Constant(fresh(f"{w.name}_zero_point"), np.zeros(wq.scale.shape, dtype=np.int8))
-        w_dq = gs.Variable(fresh(f"{w.name}_dequantized"), dtype=np.float32, shape=list(w.shape))
-        graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{w.name}_DequantizeLinear"), inputs=[q, scale, zp],
-                                   outputs=[w_dq], attrs={"axis": axis}))
-        node.inputs[1] = w_dq
-        x = node.inputs[0]
-        if site.bias is not None and x.name in dq_params:
-            b = node.inputs[2]
-            b_scale = (np.float32(dq_params[x.name].scale) * bias_channel_scales(node, wq.scale)).astype(np.float32)
-            # the int32 bias must represent the float bias (the weight scale is floored so that it fits:
-            # ranges.weight_params); a zero scale (zero channel) keeps 0
-            safe = np.where(b_scale > 0, b_scale, np.float32(1.0))
-            b_q = np.clip(np.round(b.values.astype(np.float64) / safe), -(2**31), 2**31 - 1).astype(np.int32)
-            b_dq = gs.Variable(fresh(f"{b.name}_dequantized"), dtype=np.float32, shape=list(b.shape))
-            graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{b.name}_DequantizeLinear"),
-                                       inputs=[gs.Constant(fresh(f"{b.name}_quantized"), b_q),
-                                               gs.Constant(fresh(f"{b.name}_scale"), safe),
-                                               gs.Constant(fresh(f"{b.name}_zero_point"), np.zeros(b_q.shape, np.int32))],
-                                       outputs=[b_dq], attrs={"axis": 0}))
-            node.inputs[2] = b_dq
-    graph.cleanup().toposort()
-    return graph
+
+def _store_weight(graph, node, site, wq, dq_params, fresh):
+    """The node's weight as int8 behind a per-channel DequantizeLinear, and its bias as int32 where the
+    input is quantized."""
+    w = node.inputs[1]
+    q = gs.Constant(fresh(f"{w.name}_quantized"), wq.q.astype(np.int8))
+    scale = gs.Constant(fresh(f"{w.name}_scale"), wq.scale.astype(np.float32))
+    zp = gs.Constant(fresh(f"{w.name}_zero_point"), np.zeros(wq.scale.shape, dtype=np.int8))
+    w_dq = gs.Variable(fresh(f"{w.name}_dequantized"), dtype=np.float32, shape=list(w.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{w.name}_DequantizeLinear"), inputs=[q, scale, zp],
+                               outputs=[w_dq], attrs={"axis": site.axis}))
+    node.inputs[1] = w_dq
+    x = node.inputs[0]
+    if site.bias is None or x.name not in dq_params:
+        return
+    b = node.inputs[2]
+    b_scale = (np.float32(dq_params[x.name].scale) * bias_channel_scales(node, wq.scale)).astype(np.float32)
+    # the int32 bias must represent the float bias (the weight scale is floored so that it fits:
+    # ranges.weight_params); a zero scale (zero channel) keeps 0
+    safe = np.where(b_scale > 0, b_scale, np.float32(1.0))
+    b_q = np.clip(np.round(b.values.astype(np.float64) / safe), -(2**31), 2**31 - 1).astype(np.int32)
+    b_dq = gs.Variable(fresh(f"{b.name}_dequantized"), dtype=np.float32, shape=list(b.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{b.name}_DequantizeLinear"),
+                               inputs=[gs.Constant(fresh(f"{b.name}_quantized"), b_q),
+                                       gs.Constant(fresh(f"{b.name}_scale"), safe),
+                                       gs.Constant(fresh(f"{b.name}_zero_point"), np.zeros(b_q.shape, np.int32))],
+                               outputs=[b_dq], attrs={"axis": 0}))
+    node.inputs[2] = b_dq

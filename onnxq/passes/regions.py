@@ -91,6 +91,8 @@ def region_function(graph: gs.Graph, region: Region, opset: int):
     """f: np.ndarray (float32, 1-D) -> y, the region evaluated by onnxruntime as the model computes it."""
     import onnxruntime as ort
 
+    from ..backends.ort.runner import create_session, session_options
+
     nodes = {n.name: n for n in graph.nodes}
     protos, initializers = [], {}
     for name in region.nodes:
@@ -113,15 +115,13 @@ def region_function(graph: gs.Graph, region: Region, opset: int):
     # onnxruntime refuses ("Unsupported model IR version")
     model = onnx.helper.make_model(g, opset_imports=opsets,
                                    ir_version=onnx.helper.find_min_ir_version_for(opsets, True))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 4
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the function as written
+    # the function as written (no graph optimization), on one thread
+    opts = session_options(1, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, log_severity=4)
     try:
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own exception types
+        session = create_session(model, opts)
+    except OnnxqError as exc:
         raise OnnxqError(f"activation {' -> '.join(region.nodes)} after {region.x}: onnxruntime cannot evaluate "
-                         f"it: {first_line(exc)}") from exc
+                         f"it: {first_line(exc.__cause__)}") from exc
 
     def f(xs):
         try:

@@ -5,7 +5,8 @@ the QDQ pass applies it and calibration observes exactly its tensors.
 """
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -21,8 +22,22 @@ _ACTIVATIONS = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Cli
                 "Softplus", "Mish", "Gelu")
 
 
+class _FrozenOnceMade:
+    """Attributes set while plan_quantization builds a placement; read-only once it returns it (freeze)."""
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False):
+            raise FrozenInstanceError(f"cannot assign {name!r}: a placement is frozen once made (make another)")
+        object.__setattr__(self, name, value)
+
+    def _freeze(self, **frozen_values):
+        for name, value in frozen_values.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_frozen", True)
+
+
 @dataclass
-class ActivationSite:
+class ActivationSite(_FrozenOnceMade):
     tensor: str
     consumers: list | None  # node names that read the dequantized tensor; None = every consumer
     one_sided: bool  # bounded below near zero: an activation's output or a merge of such outputs
@@ -34,7 +49,7 @@ class ActivationSite:
 
 
 @dataclass
-class WeightSite:
+class WeightSite(_FrozenOnceMade):
     node: str
     weight: str
     axis: int  # output-channel axis of the weight
@@ -42,7 +57,7 @@ class WeightSite:
 
 
 @dataclass
-class QuantPlan:
+class QuantPlan(_FrozenOnceMade):
     activations: dict = field(default_factory=dict)  # tensor name -> ActivationSite
     weights: dict = field(default_factory=dict)  # node name -> WeightSite
     float_nodes: dict = field(default_factory=dict)  # compute node name -> why it stays float
@@ -51,6 +66,7 @@ class QuantPlan:
     # pre-activation tensor -> its activation Region: its range is derived from the region output's grid
     regions: dict = field(default_factory=dict)
     float_tensors: dict = field(default_factory=dict)  # tensors a rule left float, and why
+    target: str = ""  # the target whose rules placed it
 
     def calibration_tensors(self):
         """Tensors calibration must observe: shared-parameter sites copy another tensor's range, unless their
@@ -177,14 +193,90 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
     keep_first = not target.quantize_first if keep_first is None else keep_first
     keep_head = not target.quantize_head if keep_head is None else keep_head
     head = find_head(graph)
-    plan = QuantPlan(head=head)
+    plan = QuantPlan(head=head, target=target.name)
     uses = consumers(graph)
     graph_inputs = {t.name for t in graph.inputs}
     graph_outputs = {t.name for t in graph.outputs}
-    excludes = _compile_excludes(exclude)
-    matched = set()
-    head_outputs = set(head.output_convs)
+    quantized = _quantized_compute(graph, plan, keep_first, keep_head, exclude, float_nodes or {})
+    add_site = _site_adder(plan, graph_outputs)
+    for node in quantized:
+        w = weight_of(node)
+        bias = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
+        if node.op == "Gemm" and bias is not None and bias.values.ndim != 1:
+            bias = None  # a broadcast matrix C, not a per-channel bias
+        if not target.quantize_bias:
+            bias = None
+        plan.weights[node.name] = WeightSite(node.name, w.name, _weight_axis(node), bias.name if bias is not None else None)
+        add_site(node.inputs[0], node.name, "input")
 
+    if not keep_first:
+        _quantize_image_input(graph, quantized, plan, add_site, graph_inputs)
+
+    if target.int8_merges:
+        _quantize_merges(graph, plan, target, add_site)
+
+    if target.quantize_conv_outputs:
+        _quantize_conv_outputs(quantized, head, uses, add_site)
+
+    if target.int8_elementwise:
+        _propagate_int8(graph, plan, target, add_site, uses, graph_outputs)
+
+    if target.unify_concat:
+        _unify_concat_scales(graph, plan, add_site, graph_inputs, target.concat_output_on_input_grid)
+    _resolve_shares(plan)
+
+    _float_layers_read_float(plan, uses)
+    if float_nodes:
+        _exact_inputs(graph, plan, float_nodes)
+    if target.int8_elementwise:
+        _drop_int8_ops_read_only_float(graph, plan)
+
+    if target.quantize_conv_outputs:
+        _bound_pre_activations(graph, plan, uses, graph_outputs, set(float_nodes or ()))
+
+    if target.quantize_add_inputs:
+        _quantize_residual_adds(graph, head, add_site)
+    return _frozen(plan)
+
+
+def _quantize_conv_outputs(quantized, head, uses, add_site):
+    for node in quantized:
+        out = node.outputs[0]
+        readers = uses.get(out.name, [])
+        # Conv -> Relu -> Q fuses into one QLinearConv (the Relu folds into the output range)
+        if len(readers) == 1 and readers[0].op in ("Relu", "Clip") and readers[0].name not in head.tail:
+            out = readers[0].outputs[0]
+        add_site(out, None, "output")
+
+
+def _float_layers_read_float(plan, uses):
+    """Layers kept float (the head's output convs above all) read the float tensor, not a clipped copy."""
+    for site in plan.activations.values():
+        if site.consumers is None:
+            readers = uses.get(site.tensor, [])
+            keep = [r.name for r in readers if r.name not in plan.float_nodes and r.name not in plan.head.tail]
+            if len(keep) != len(readers):
+                site.consumers = keep
+
+
+def _quantize_residual_adds(graph, head, add_site):
+    for node in graph.nodes:
+        if node.op != "Add" or node.name in head.tail:
+            continue
+        values = [t for t in node.inputs if isinstance(t, gs.Variable)]
+        # a residual Add joins two feature maps; a bias Add (one constant) is not one
+        if len(values) == 2 and all(v.shape is not None and len(v.shape) == 4 for v in values):
+            for v in values:
+                add_site(v, node.name, "input")
+
+
+def _quantized_compute(graph, plan, keep_first, keep_head, exclude, float_nodes) -> list:
+    """The compute nodes to quantize, in graph order; the others go into plan.float_nodes with their reason
+    (the decode tail stays float without one)."""
+    head = plan.head
+    excludes = _compile_excludes(exclude)
+    graph_inputs = {t.name for t in graph.inputs}
+    matched = set()
     quantized = []
     for node in graph.nodes:
         if node.op not in COMPUTE_OPS:
@@ -194,34 +286,43 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
             matched.add(pat)  # the decode tail stays float anyway: an --exclude naming it is still valid
             continue
         if pat is not None:
-            plan.float_nodes[node.name] = f"--exclude {pat}"
             matched.add(pat)
-            continue
-        w = weight_of(node)
-        if w is None:
-            plan.float_nodes[node.name] = "weight is computed, not a constant"
-            continue
-        if w.values.dtype != np.float32:
-            # QuantizeLinear/DequantizeLinear here carry float32 scales and outputs (a float16 layer would
-            # need its own); a model exported with float16 layers is quantized from its float32 export
-            plan.float_nodes[node.name] = f"{w.values.dtype} weights (onnxq quantizes float32 layers)"
-            continue
-        if float_nodes and node.name in float_nodes:
-            plan.float_nodes[node.name] = float_nodes[node.name]
-            continue
-        if keep_head and node.name in head_outputs:
-            plan.float_nodes[node.name] = "head output conv (kept float, Q-YOLO)"
-            continue
-        if _reaches_from_input(node.inputs[0], graph_inputs):
+        why = _kept_float(node, pat, float_nodes, keep_head and node.name in head.output_convs)
+        if why is None and _reaches_from_input(node.inputs[0], graph_inputs):
             if keep_first:
-                plan.float_nodes[node.name] = "first layer, reads the image (kept float, Q-YOLO)"
-                continue
-            plan.reads_image.add(node.name)
+                why = "first layer, reads the image (kept float, Q-YOLO)"
+            else:
+                plan.reads_image.add(node.name)
+        if why is not None:
+            plan.float_nodes[node.name] = why
+            continue
         quantized.append(node)
-
     unmatched = [p for p, _ in excludes if p not in matched]
     if unmatched:
         raise UsageError(f"--exclude {unmatched[0]!r} matches no Conv/MatMul/Gemm node or output tensor")
+    return quantized
+
+
+def _kept_float(node, excluded_by, float_nodes, head_output) -> str | None:
+    """Why a compute node stays float whatever its input, or None."""
+    if excluded_by is not None:
+        return f"--exclude {excluded_by}"
+    w = weight_of(node)
+    if w is None:
+        return "weight is computed, not a constant"
+    if w.values.dtype != np.float32:
+        # QuantizeLinear/DequantizeLinear here carry float32 scales and outputs (a float16 layer would
+        # need its own); a model exported with float16 layers is quantized from its float32 export
+        return f"{w.values.dtype} weights (onnxq quantizes float32 layers)"
+    if node.name in float_nodes:
+        return float_nodes[node.name]
+    if head_output:
+        return "head output conv (kept float, Q-YOLO)"
+    return None
+
+
+def _site_adder(plan, graph_outputs):
+    """add_site(tensor, reader or None for every reader, role): a tensor's Q/DQ site, created or widened."""
 
     def add_site(tensor, consumer_name, role):
         if isinstance(tensor, gs.Constant):
@@ -240,62 +341,18 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
         elif site.consumers is not None and consumer_name not in site.consumers:
             site.consumers.append(consumer_name)
 
-    for node in quantized:
-        w = weight_of(node)
-        bias = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
-        if node.op == "Gemm" and bias is not None and bias.values.ndim != 1:
-            bias = None  # a broadcast matrix C, not a per-channel bias
-        if not target.quantize_bias:
-            bias = None
-        plan.weights[node.name] = WeightSite(node.name, w.name, _weight_axis(node), bias.name if bias is not None else None)
-        add_site(node.inputs[0], node.name, "input")
+    return add_site
 
-    if not keep_first:
-        _quantize_image_input(graph, quantized, plan, add_site, graph_inputs)
 
-    if target.int8_merges:
-        _quantize_merges(graph, plan, target, add_site)
-
-    if target.quantize_conv_outputs:
-        for node in quantized:
-            out = node.outputs[0]
-            readers = uses.get(out.name, [])
-            # Conv -> Relu -> Q fuses into one QLinearConv (the Relu folds into the output range)
-            if len(readers) == 1 and readers[0].op in ("Relu", "Clip") and readers[0].name not in head.tail:
-                out = readers[0].outputs[0]
-            add_site(out, None, "output")
-
-    if target.int8_elementwise:
-        _propagate_int8(graph, plan, target, add_site, uses, graph_outputs)
-
-    if target.unify_concat:
-        _unify_concat_scales(graph, plan, add_site, graph_inputs, target.concat_output_on_input_grid)
-    _resolve_shares(plan)
-
-    # layers kept float (the head's output convs above all) read the float tensor, not a clipped copy
+def _frozen(plan: QuantPlan) -> QuantPlan:
+    """The placement, read-only: later decisions (a starved depthwise conv, a repair) make another one."""
     for site in plan.activations.values():
-        if site.consumers is None:
-            readers = uses.get(site.tensor, [])
-            keep = [r.name for r in readers if r.name not in plan.float_nodes and r.name not in head.tail]
-            if len(keep) != len(readers):
-                site.consumers = keep
-    if float_nodes:
-        _exact_inputs(graph, plan, float_nodes)
-    if target.int8_elementwise:
-        _drop_int8_ops_read_only_float(graph, plan)
-
-    if target.quantize_conv_outputs:
-        _bound_pre_activations(graph, plan, uses, graph_outputs, set(float_nodes or ()))
-
-    if target.quantize_add_inputs:
-        for node in graph.nodes:
-            if node.op != "Add" or node.name in head.tail:
-                continue
-            values = [t for t in node.inputs if isinstance(t, gs.Variable)]
-            # a residual Add joins two feature maps; a bias Add (one constant) is not one
-            if len(values) == 2 and all(v.shape is not None and len(v.shape) == 4 for v in values):
-                for v in values:
-                    add_site(v, node.name, "input")
+        site._freeze(consumers=None if site.consumers is None else tuple(site.consumers), merge=tuple(site.merge))
+    for site in plan.weights.values():
+        site._freeze()
+    plan._freeze(activations=MappingProxyType(plan.activations), weights=MappingProxyType(plan.weights),
+                 float_nodes=MappingProxyType(plan.float_nodes), reads_image=frozenset(plan.reads_image),
+                 regions=MappingProxyType(plan.regions), float_tensors=MappingProxyType(plan.float_tensors))
     return plan
 
 
@@ -346,21 +403,11 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
     no Q/DQ of its own (its values are on the inputs' grid already); OpenVINO requantizes every input of
     a Concat that has one (a u8 -> f32 -> u8 subgraph per input, measured on YOLOv8n: 1.2 ms).
     """
-    parent = {}
+    groups = _UnionFind()
     tensors = graph.tensors()
-
-    def find(t):
-        while parent.setdefault(t, t) != t:
-            parent[t] = parent[parent[t]]
-            t = parent[t]
-        return t
-
-    def union(a, b):
-        parent[find(a)] = find(b)
-
     for site in plan.activations.values():
         if site.share is not None:
-            union(site.tensor, site.share)
+            groups.union(site.tensor, site.share)
     concat_outputs = []
     for node in graph.nodes:
         if node.op != "Concat" or node.name in plan.head.tail or node.outputs[0].name not in plan.activations:
@@ -373,7 +420,7 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
         if not all(v.name in plan.activations for v in values):
             continue  # an input the runtime cannot quantize (a graph output)
         for v in values:
-            union(v.name, node.outputs[0].name)
+            groups.union(v.name, node.outputs[0].name)
         concat_outputs.append(node.outputs[0].name)
         if output_on_input_grid and int(node.attrs.get("axis", 1)) in (1, -3):
             plan.activations[node.outputs[0].name].implicit = True
@@ -383,30 +430,55 @@ def _unify_concat_scales(graph, plan, add_site, graph_inputs, output_on_input_gr
         for name in list(plan.activations):
             source = _picked_from(tensors[name], plan)
             if source is not None:
-                union(name, source)
-    groups = {}
-    for t in plan.activations:
-        groups.setdefault(find(t), []).append(t)
-    for members in groups.values():
+                groups.union(name, source)
+    for members in groups.sets(plan.activations):
         if len(members) < 2:
             continue
-        image = [m for m in members if m in graph_inputs]
-        sources = [_pass_through_sources(tensors[m], graph_inputs) for m in members]
-        if not all(s is not None and s <= set(image) for s in sources):
-            image = []  # the image joins feature maps: the group takes the range of all their values
-        observed = [m for m in members if plan.activations[m].share is None]
-        # the outermost Concat of the group holds every value of its inputs: its site leads
-        leaders = image or [t for t in reversed(concat_outputs) if t in members] or observed
-        root = leaders[0]
-        site = plan.activations[root]
-        site.share = None
-        site.merge = [] if image else [m for m in observed if m != root]
-        for m in members:
-            if m != root:
-                plan.activations[m].share = root
-                plan.activations[m].merge = []
+        _share_one_scale(plan, members, concat_outputs, tensors, graph_inputs)
         if output_on_input_grid:
             _mark_on_grid(graph, plan, set(members))
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent = {}
+
+    def find(self, t):
+        parent = self.parent
+        while parent.setdefault(t, t) != t:
+            parent[t] = parent[parent[t]]
+            t = parent[t]
+        return t
+
+    def union(self, a, b):
+        self.parent[self.find(a)] = self.find(b)
+
+    def sets(self, items) -> list:
+        """The groups of `items`, each in `items`' order, groups in order of first member."""
+        groups = {}
+        for t in items:
+            groups.setdefault(self.find(t), []).append(t)
+        return list(groups.values())
+
+
+def _share_one_scale(plan, members, concat_outputs, tensors, graph_inputs):
+    """One tensor of the group leads (its statistics, merged with the others', give the parameters); the
+    others share its parameters."""
+    image = [m for m in members if m in graph_inputs]
+    sources = [_pass_through_sources(tensors[m], graph_inputs) for m in members]
+    if not all(s is not None and s <= set(image) for s in sources):
+        image = []  # the image joins feature maps: the group takes the range of all their values
+    observed = [m for m in members if plan.activations[m].share is None]
+    # the outermost Concat of the group holds every value of its inputs: its site leads
+    leaders = image or [t for t in reversed(concat_outputs) if t in members] or observed
+    root = leaders[0]
+    site = plan.activations[root]
+    site.share = None
+    site.merge = [] if image else [m for m in observed if m != root]
+    for m in members:
+        if m != root:
+            plan.activations[m].share = root
+            plan.activations[m].merge = []
 
 
 def _mark_on_grid(graph, plan, group):

@@ -31,10 +31,9 @@ class Target:
     # in int8 instead of leaving f32 islands between int8 Convs (less memory traffic).
     int8_merges: tuple = ()
     asymmetric_activations: bool = True
-    # Q-YOLO keeps the first conv and the head's output convs float. OpenVINO gains ~15% from running
-    # them in int8 (measured: this is what brings it level with NNCF) and lost no mAP50-95 beyond the
-    # val set's noise; the image input of 8-bit pixels quantizes exactly. onnxruntime gains nothing from
-    # them (measured), so the ort target keeps them float.
+    # Q-YOLO keeps the first conv and the head's output convs float. OpenVINO runs faster with them in
+    # int8 at no mAP50-95 beyond the val sets' noise (bench/latency.py, bench/accuracy.py; 8-bit pixels
+    # quantize exactly); onnxruntime does not, so the ort target keeps them float.
     quantize_first: bool = False
     quantize_head: bool = False
     # A quantized Conv's bias as int32 behind a DequantizeLinear (scale = input scale x weight scale), as

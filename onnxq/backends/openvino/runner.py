@@ -1,6 +1,6 @@
 """OpenVINO CPU runner.
 
-The CPU plugin picks bf16 on CPUs with avx512_bf16/AMX (this machine), which is not
+The CPU plugin picks bf16 on CPUs with avx512_bf16/AMX, which is not
 an FP32 baseline; so f32 is forced unless the caller asks for bf16 or "default".
 """
 

@@ -1,5 +1,7 @@
 """onnxruntime CPU runner."""
 
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 
@@ -12,10 +14,12 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(d
            "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
-def session_options(threads=None, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path=None):
+def session_options(threads=None, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, optimized_path=None,
+                    log_severity=3):
+    """onnxq's options for every onnxruntime session it opens (3: errors only, no per-node warnings)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
-    opts.log_severity_level = 3  # errors only: no per-node warnings on stderr
+    opts.log_severity_level = log_severity
     if threads:
         opts.intra_op_num_threads = int(threads)
     # idle worker threads must not spin: with several sessions alive (a side-by-side benchmark, the
@@ -26,11 +30,14 @@ def session_options(threads=None, level=ort.GraphOptimizationLevel.ORT_ENABLE_AL
     return opts
 
 
-def create_session(model_path, opts):
+def create_session(model, opts, what=None):
+    """A CPU session for a model file or an onnx.ModelProto; onnxruntime's refusal as one OnnxqError line
+    naming `what` (default: the file), its exception as the cause."""
+    source = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     try:
-        return ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise OnnxqError(f"{model_path}: onnxruntime cannot load it: {first_line(exc)}") from None
+        raise OnnxqError(f"{what or model}: onnxruntime cannot load it: {first_line(exc)}") from exc
 
 
 class OrtRunner(Runner):
