@@ -18,12 +18,12 @@ from onnxq.pipeline import reusable_tensors
 from onnxq.request import channel_tensors, observed_and_unions
 from onnxq.stats import Stats
 
-HASHES = {  # recorded on the code before the typed-stages redesign (2026-12-04)
-    "yolov5n_v6.1_640.onnx/ort/W8A8": "f58b23290aa46ae7e7987bde01d81a8bcf7f8f9da26247edc022f318f121242c",
-    "yolov5n_v6.1_640.onnx/openvino/W8A8": "7dccaf06949975b7640487322c13ba3fa99fc9bdeeb890d037f4ecf5f260404e",
-    "yolov5n_v6.1_640.onnx/tensorrt/W8A8": "f0acac6deeb88f21c80892542dee21f3d2ac08c4270c114a24a77690280b3ad2",
-    "yolov5n_v6.1_640.onnx/qyolo/W8A8": "c4a4f91be0bbe05464b80f41ec6ac8f6b87b75338f63f579384e24609c493c93",
-    "yolov5n_v6.1_640.onnx/ort/W4A4": "f33e83390f2c7befcec018d3e2d3f8ce9075cf1bffb61f9a82936102e126b2be",
+HASHES = {  # recorded before the typed-stages redesign (2026-12-04); yolov5n's since passes.layout
+    "yolov5n_v6.1_640.onnx/ort/W8A8": "9305eee3adfe32a44c64cbf818be1946ba5f2d39b6108974ab96d3ac9e87ef20",
+    "yolov5n_v6.1_640.onnx/openvino/W8A8": "47c5c4d1e2a09e18a01c77b63c8c3d4956963ec350b542f0d3a46e3b45482c3b",
+    "yolov5n_v6.1_640.onnx/tensorrt/W8A8": "a4ff410f78590a38979229a3f95c2b186362d6c126eba6d44a4fc95fbac739bd",
+    "yolov5n_v6.1_640.onnx/qyolo/W8A8": "0e6163d4b256103e713e885c81c1510ecbcd17eb8028edb08d85626b265593d8",
+    "yolov5n_v6.1_640.onnx/ort/W4A4": "ec7c3cece7045c10ddeb64ac8ab184dc06cf9bc2e917dc5f6188ea8a254d48e7",
     "picodet_s_320_esnet.onnx/ort/W8A8": "7a4ceefe1eb84dca235c7c158bab26fef08cacf5616abc0ac98b0a3aee60e989",
     "picodet_s_320_esnet.onnx/openvino/W6A6": "0da26f1f633fc73490189e9b0c3bafb04dcb7f30986b386fca99781310a5afa4",
 }
