@@ -102,7 +102,7 @@ def main():
                     choices=["minmax", "percentile", "entropy"],
                     help="onnxruntime calibrators (Percentile/Entropy need ~18 GB for 128 images at 640)")
     ap.add_argument("--targets", nargs="+", default=["qyolo", "openvino", "ort", "tensorrt"],
-                    choices=["qyolo", "openvino", "ort", "tensorrt"],
+                    choices=["qyolo", "openvino", "ort", "tensorrt", "openvino-symmetric"],
                     help="onnxq rows of these placements (the method rows are qyolo's)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--weights", nargs="+", default=["minmax", "gptq"], choices=["minmax", "mse", "gptq"],
@@ -172,13 +172,17 @@ def main():
             configs.append(("onnxq uh W8A8 --target openvino", dict(method="uh", target="openvino")))
             configs.append(("onnxq uh W8A8 --target ort", dict(method="uh", target="ort")))
             configs.append(("onnxq uh W8A8 --target tensorrt", dict(method="uh", target="tensorrt")))
-        configs = [(label, opts) for label, opts in configs if opts["target"] in args.targets]
+            if "openvino-symmetric" in args.targets:  # NNCF's activation grid: faster on AMX, less accurate
+                configs.append(("onnxq uh W8A8 --target openvino --symmetric",
+                                dict(method="uh", target="openvino", symmetric=True, row="openvino-symmetric")))
+        configs = [(label, opts) for label, opts in configs if opts.get("row", opts["target"]) in args.targets]
         if args.default_row:  # what `onnxq quantize in.onnx out.onnx --calib DIR` writes: verify and repair on
             configs = [("onnxq default (ort, verify + repair)", dict(target="ort", default=True))]
         if args.peers_only:
             configs = []
         pp = None
         for label, opts in configs:
+            opts.pop("row", None)
             try:
                 if opts.pop("default", False):  # its own calibration: 32 of the images held out to verify on
                     q, report = quantize_with_report(model, C.CALIB / "images", **opts)
