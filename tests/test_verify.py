@@ -105,9 +105,9 @@ def test_a_layout_eval_cannot_decode_gets_output_sqnr_only():
     assert a.map50_95 is None and "SQNR only" in a.note and np.isfinite(a.output_sqnr_db["score"])
 
 
-def test_damaged_statistics_are_caught_and_repaired(yolov5n_w8a8):
-    """A layer's range cut to a twentieth (statistics gone wrong) drops the agreement; the repair finds the
-    layer from the accumulated error and keeps it float, from the same statistics."""
+@pytest.fixture(scope="module")
+def damaged_stats(yolov5n_w8a8):
+    """yolov5n's statistics with one conv input's range cut to a twentieth (statistics gone wrong)."""
     from onnxq.api import collect_stats
     from onnxq.derived import range_only
 
@@ -117,6 +117,14 @@ def test_damaged_statistics_are_caught_and_repaired(yolov5n_w8a8):
     victim = sorted(conv_inputs)[len(conv_inputs) // 3]
     seen = stats.tensors[victim]
     stats.tensors[victim] = range_only(seen.mn, seen.mx / 20, seen)
+    return stats
+
+
+def test_damaged_statistics_are_caught_and_repaired(yolov5n_w8a8, damaged_stats):
+    """A layer's range cut to a twentieth (statistics gone wrong) drops the agreement; the repair finds the
+    layer from the accumulated error and keeps it float, from the same statistics."""
+    _, clean_report = yolov5n_w8a8
+    stats = damaged_stats
     options = dict(stats=stats, bias_correction=0, verify_images=8, target="qyolo")
     _, broken = quantize_with_report(YOLOV5N, CALIB_DIR / "images", repair=False, **options)
     q, fixed = quantize_with_report(YOLOV5N, CALIB_DIR / "images", min_agreement=90.0, max_float=4, **options)
@@ -161,19 +169,12 @@ def test_a_broken_reference_is_one_line_before_the_evaluation(tmp_path):
     assert len(run.stderr.strip().splitlines()) == 1 and str(bad) in run.stderr
 
 
-def test_with_labels_the_check_and_the_repair_run_on_real_map_under_both_protocols(yolov5n_w8a8):
+def test_with_labels_the_check_and_the_repair_run_on_real_map_under_both_protocols(damaged_stats):
     """--val: a layer's range cut to a twentieth drops real mAP50-95 by over 10 points on 24 labelled images;
     the repair brings the drop under --max-drop by keeping float the layer the accumulated error names."""
     from conftest import VAL_DIR
-    from onnxq.api import collect_stats
-    from onnxq.derived import range_only
 
-    _, clean_report = yolov5n_w8a8
-    stats, _ = collect_stats(YOLOV5N, CALIB_DIR / "images", num_images=16)
-    conv_inputs = [c.tensor for c in clean_report.activations if c.method == "uh" and c.tensor.endswith(".silu")]
-    victim = sorted(conv_inputs)[len(conv_inputs) // 3]
-    seen = stats.tensors[victim]
-    stats.tensors[victim] = range_only(seen.mn, seen.mx / 20, seen)
+    stats = damaged_stats
     options = dict(stats=stats, bias_correction=0, target="qyolo", val=VAL_DIR, val_images=24)
     _, broken = quantize_with_report(YOLOV5N, CALIB_DIR / "images", repair=False, **options)
     q, fixed = quantize_with_report(YOLOV5N, CALIB_DIR / "images", max_float=4, max_drop=1.0, **options)
