@@ -122,6 +122,7 @@ def quantize_with_report(model, calib, stats, config, on_skip=None):
                                                                verify_paths, observed.preprocess)
         notes += check_notes
         seconds["verify"] = round(time.perf_counter() - t_verify, 3)
+        notes += _slower_than_float(result)
         if config.val is not None:
             labelled = result
         elif not held_out and config.verify is True:  # checked on images calibration saw: say so where read
@@ -333,6 +334,14 @@ def verify_and_repair(model, prepared, target, config, builder, built, paths, pp
 
         built, result, repair = repair_model(builder, built, result, check, prepared, paths, pp, config.max_float)
     return built, result, repair, tuple(notes)
+
+
+def _slower_than_float(result) -> tuple:
+    speedup = getattr(result, "speedup", None)
+    if speedup is None or speedup >= 1.0:
+        return ()
+    return (f"on this CPU the quantized model runs at {speedup:.2f}x the float model's speed on onnxruntime "
+            f"(timed during verification): its int8 kernels cost more than they save here",)
 
 
 def _check(model, prepared, target, config, pp, paths, notes):

@@ -9,6 +9,7 @@ is, and the result says so.
 
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,20 +30,24 @@ class Agreement:
     reference_boxes: int  # float detections used as ground truth
     output_sqnr_db: dict = field(default_factory=dict)  # output name -> dB
     note: str = ""
+    # the float model's median time per batch over the quantized model's, both on onnxruntime here (None where
+    # the quantized model runs on another runtime, or too few batches ran to time)
+    speedup: float | None = None
 
     def to_json(self) -> dict:
         return {"images": self.images, "runtime": self.runtime, "map50_95": self.map50_95, "map50": self.map50,
                 "reference_boxes": self.reference_boxes,
                 "output_sqnr_db": {k: _finite(v) for k, v in self.output_sqnr_db.items()},
                 "min_output_sqnr_db": _finite(min(self.output_sqnr_db.values(), default=float("nan"))),
-                "note": self.note}
+                "note": self.note, "speedup": self.speedup}
 
     def describe(self) -> str:
         sqnr = min(self.output_sqnr_db.values()) if self.output_sqnr_db else float("nan")
         head = (f"agreement with the float model: mAP50-95 {self.map50_95:.1f}, mAP50 {self.map50:.1f}"
                 if self.map50_95 is not None else "agreement with the float model: no mAP")
         tail = f" ({self.note})" if self.note else ""
-        return f"{head}; worst output SQNR {sqnr:.1f} dB; {self.images} images, {self.runtime}{tail}"
+        speed = f"; {self.speedup:.2f}x the float model's speed" if self.speedup is not None else ""
+        return f"{head}; worst output SQNR {sqnr:.1f} dB{speed}; {self.images} images, {self.runtime}{tail}"
 
 
 def _finite(v):
@@ -108,10 +113,15 @@ def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort"
         q_run = get_runner(runtime, quant_path, threads=threads)
         signal, noise = {}, {}
         reference, candidate, sizes = [], [], []
-        count = 0
+        count, f_times, q_times = 0, [], []
         for batch in iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size(batch_size)):
             feed = {inputs.image: batch.images, **inputs.extras, **image_inputs(inputs, batch)}
-            f_out, q_out = f_run(feed), q_run(feed)
+            t0 = time.perf_counter()
+            f_out = f_run(feed)
+            t1 = time.perf_counter()
+            q_out = q_run(feed)
+            f_times.append(t1 - t0)
+            q_times.append(time.perf_counter() - t1)
             for name, a, b in zip(f_run.output_names, f_out, q_out):
                 a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
                 if a.shape != b.shape:
@@ -125,11 +135,19 @@ def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort"
                 sizes.extend(t.orig_hw for t in batch.transforms)
             count += len(batch.paths)
     sqnr = {name: sqnr_from_sums(signal[name], noise[name]) for name in signal}
+    speedup = _speedup(f_times, q_times) if runtime == "ort" else None
     if family is None:
-        return Agreement(count, runtime, None, None, 0, sqnr, "output layout not decoded: output SQNR only")
+        return Agreement(count, runtime, None, None, 0, sqnr, "output layout not decoded: output SQNR only", speedup)
     map_, map50, boxes = _coco_scores(reference, candidate, sizes, family.num_classes)
     note = "" if map_ is not None else f"the float model found nothing above {REFERENCE_SCORE} on these images"
-    return Agreement(count, runtime, map_, map50, boxes, sqnr, note)
+    return Agreement(count, runtime, map_, map50, boxes, sqnr, note, speedup)
+
+
+def _speedup(f_times, q_times, min_batches=3):
+    """Float over quantized median time per batch, the first batch (each session's warm-up) left out."""
+    if len(f_times) <= min_batches:
+        return None
+    return round(float(np.median(f_times[1:]) / np.median(q_times[1:])), 3)
 
 
 @dataclass(frozen=True)

@@ -201,3 +201,18 @@ def test_val_on_the_command_line_prints_both_protocols_and_refuses_verify_beside
     assert "mAP50-95 on labels: val" in done.stdout and "deploy" in done.stdout
     refused = subprocess.run(base + ["--no-verify"], capture_output=True, text=True)
     assert refused.returncode == 2 and "drop --verify / --no-verify" in refused.stderr
+
+
+def test_verification_times_both_models_and_says_when_the_quantized_one_is_slower(yolov5n_w8a8):
+    """On onnxruntime the check runs both models on the same images: the ratio of their median times is the
+    speed-up the user gets on this CPU, and a model slower than its float original is said so."""
+    from onnxq.pipeline import _slower_than_float
+    from onnxq.verify import Agreement
+
+    _, report = yolov5n_w8a8
+    assert report.agreement.speedup is not None and 0.2 < report.agreement.speedup < 10.0
+    assert "the float model's speed" in report.agreement.describe()
+    slower = Agreement(32, "ort", 90.0, 95.0, 100, {}, speedup=0.74)
+    assert "0.74x the float model's speed" in _slower_than_float(slower)[0]
+    assert _slower_than_float(Agreement(32, "ort", 90.0, 95.0, 100, {}, speedup=1.3)) == ()
+    assert _slower_than_float(Agreement(32, "openvino", 90.0, 95.0, 100, {})) == ()
