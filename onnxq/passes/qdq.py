@@ -11,7 +11,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..spec import QParams
-from .graph import name_maker
+from .graph import consumers, name_maker
 
 
 def _scalar(name, value, dtype):
@@ -53,11 +53,7 @@ def _quantize_activations(graph, plan, act_params, nodes, fresh) -> dict:
     """A Q/DQ pair (and below 8 bits a Clip) behind every planned tensor with parameters, read by the
     plan's readers. Returns {dequantized tensor name: QParams of the tensor it copies}."""
     tensors = graph.tensors()
-    uses = {}
-    for node in graph.nodes:
-        for t in node.inputs:
-            if t is not None and t.name:
-                uses.setdefault(t.name, []).append(node)
+    uses = consumers(graph)
     dq_params = {}
     for name, site in plan.activations.items():
         p = act_params.get(name)
