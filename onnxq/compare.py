@@ -13,6 +13,7 @@ import onnx
 
 from .errors import OnnxqError
 from .kernels.agreement import error_sums
+from .qdq_model import activation_pairs
 
 
 @dataclass
@@ -24,28 +25,8 @@ class TensorError:
     local_sqnr_db: float | None  # this tensor's own rounding/clipping (quantized model, before vs after Q/DQ)
     scale: float | None = None
     zero_point: int | None = None
-
-
-def _qdq_pairs(model: onnx.ModelProto):
-    """float tensor name -> (dequantized tensor name, scale, zero_point) for per-tensor activation Q/DQ."""
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    q_by_output = {n.output[0]: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    pairs = {}
-    for n in model.graph.node:
-        if n.op_type != "DequantizeLinear" or n.input[0] not in q_by_output:
-            continue
-        q = q_by_output[n.input[0]]
-        src = q.input[0]
-        p = producers.get(src)
-        if p is not None and p.op_type == "Clip" and p.output[0] == src:
-            src = p.input[0]  # below 8 bits a Clip precedes Q
-        scale = inits.get(n.input[1])
-        zp = inits.get(n.input[2]) if len(n.input) > 2 else None
-        if scale is None or scale.size != 1:
-            continue
-        pairs[src] = (n.output[0], float(scale), int(zp) if zp is not None else 0)
-    return pairs
+    qmin: int | None = None  # the integer grid of its Q/DQ
+    qmax: int | None = None
 
 
 def sqnr_from_sums(signal: float, noise: float) -> float:
@@ -92,7 +73,7 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
     from .passes.graph import to_graph
     from .passes.select import silu_inputs
 
-    pairs = _qdq_pairs(quant_model)
+    pairs = activation_pairs(quant_model)
     float_tensors = {vi.name for vi in float_model.graph.value_info} | {n for node in float_model.graph.node for n in node.output}
     compared = sorted(t for t in pairs if t in float_tensors)
     outputs = [o.name for o in float_model.graph.output]
@@ -100,7 +81,7 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
     if outputs != q_outputs:
         raise OnnxqError(f"the models' outputs differ ({outputs} vs {q_outputs})")
     f_sess = make_session(model_with_outputs(float_model, compared + outputs))
-    q_fetch = compared + [pairs[t][0] for t in compared]
+    q_fetch = compared + [pairs[t].dequantized for t in compared]
     q_sess = make_session(model_with_outputs(quant_model, q_fetch + outputs))
     acc = {t: _Accumulator() for t in compared + outputs}
     local = {t: _Accumulator() for t in compared}
@@ -110,8 +91,8 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
         f_vals = dict(zip(compared + outputs, f_sess.run(compared + outputs, feed)))
         q_vals = dict(zip(q_fetch + outputs, q_sess.run(q_fetch + outputs, feed)))
         for t in compared:
-            acc[t].add(f_vals[t], q_vals[pairs[t][0]])
-            local[t].add(q_vals[t], q_vals[pairs[t][0]])
+            acc[t].add(f_vals[t], q_vals[pairs[t].dequantized])
+            local[t].add(q_vals[t], q_vals[pairs[t].dequantized])
             if t in keep_values_for and t not in kept:
                 kept[t] = f_vals[t]
         for o in outputs:
@@ -122,7 +103,8 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
     # cannot change: the input's own error says little, the output's row says what it costs
     clipped_for_silu = {x for x, y in silu_inputs(to_graph(float_model)).items() if x in pairs and y in pairs}
     rows = [TensorError(t, "silu input" if t in clipped_for_silu else "activation", acc[t].sqnr(), acc[t].cosine(),
-                        local[t].sqnr(), pairs[t][1], pairs[t][2]) for t in compared]
+                        local[t].sqnr(), pairs[t].scale, pairs[t].zero_point, pairs[t].qmin, pairs[t].qmax)
+             for t in compared]
     rows.sort(key=lambda r: (r.kind != "activation", r.sqnr_db))
     rows += [TensorError(o, "output", acc[o].sqnr(), acc[o].cosine(), None) for o in outputs]
     return rows, kept

@@ -116,3 +116,18 @@ def test_no_function_of_the_quantize_path_runs_past_about_60_lines():
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 65:
                 long.append(f"{rel}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_one_reader_of_qdq_models_sees_the_grid_and_the_quantized_weights():
+    """compare, its plots and `build --backend ort` read QDQ models through onnxq.qdq_model: a W4A4 model's
+    activations sit on 16 levels behind their Clip, and every quantized conv's weight is found."""
+    from conftest import CALIB_DIR
+    from onnxq.api import quantize_with_report
+    from onnxq.qdq_model import activation_pairs, dequantized_weights
+
+    q, report = quantize_with_report(MODELS_DIR / "nanodet_m_320.onnx", CALIB_DIR / "images", num_images=4,
+                                     w_bits=4, a_bits=4, weights="minmax", bias_correction=0, verify=False)
+    pairs = activation_pairs(q)
+    assert pairs and all(p.qmax - p.qmin == 15 for p in pairs.values())
+    assert {c.tensor for c in report.activations} <= set(pairs) | {t for t in report.float_tensors}
+    assert set(dequantized_weights(q)) == {w["node"] for w in report.weights}

@@ -87,36 +87,12 @@ def run(args):
         _, values = compare_models(prepared.model, quant, batches, prepared.inputs.image, prepared.inputs.extras,
                                    keep_values_for=worst)
         bits = {r.tensor: r for r in acts}
-        qrange = _grid_of(quant)
         for i, t in enumerate(worst):
             r = bits[t]
-            qmin, qmax = qrange.get(t, (0, 255) if r.zero_point else (-128, 127))
+            qmin, qmax = r.qmin, r.qmax
             out = Path(args.plots) / f"{i:02d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', t)[-80:]}.png"
             plot_tensor(out, t, values[t], r.scale, r.zero_point, qmin, qmax)
         print(f"plots: {len(worst)} PNG files in {args.plots}")
     if args.json:
         write_json(args.json, [r.__dict__ for r in rows])
     return 0
-
-
-def _grid_of(model):
-    """Integer grid per tensor: the Clip before Q narrows it below 8 bits; else the container's."""
-    import numpy as np
-    import onnx
-
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    grids = {}
-    for n in model.graph.node:
-        if n.op_type == "QuantizeLinear":
-            zp = inits.get(n.input[2]) if len(n.input) > 2 else None
-            info = np.iinfo(zp.dtype) if zp is not None else np.iinfo(np.uint8)
-            grids[n.input[0]] = (int(info.min), int(info.max))
-    for n in model.graph.node:
-        if n.op_type == "Clip" and n.output[0] in grids:
-            src = n.input[0]
-            scale_zp = [(inits[q.input[1]], inits[q.input[2]]) for q in model.graph.node
-                        if q.op_type == "QuantizeLinear" and q.input[0] == n.output[0]]
-            if scale_zp and len(n.input) >= 3 and n.input[1] in inits and n.input[2] in inits:
-                s, z = float(scale_zp[0][0]), int(scale_zp[0][1])
-                grids[src] = (int(round(float(inits[n.input[1]]) / s)) + z, int(round(float(inits[n.input[2]]) / s)) + z)
-    return grids

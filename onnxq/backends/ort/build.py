@@ -16,6 +16,7 @@ import onnxruntime as ort
 from ...errors import OnnxqError
 from ...fileio import atomic_path
 from .. import check_model_file, first_line
+from ...qdq_model import dequantized_weights
 from .runner import create_session, session_options
 
 # Integer convolution kernels as they appear after fusion (any domain): plain QLinearConv,
@@ -51,16 +52,6 @@ def op_counts(optimized_model_path) -> dict:
     return dict(collections.Counter(names).most_common())
 
 
-def _quantized_convs(model) -> dict:
-    """Conv name -> name of its quantized weight initializer, for Convs whose weight is a DequantizeLinear."""
-    dq_input = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    convs = {}
-    for i, n in enumerate(model.graph.node):
-        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in dq_input:
-            convs[n.name or f"Conv_{i}"] = dq_input[n.input[1]]
-    return convs
-
-
 def integer_conv_report(qdq_model_path, optimized_path=None) -> dict:
     """Which Convs of the QDQ model onnxruntime turned into integer kernels.
 
@@ -74,7 +65,7 @@ def integer_conv_report(qdq_model_path, optimized_path=None) -> dict:
     """
     check_model_file(qdq_model_path)
     qdq = onnx.load(str(qdq_model_path), load_external_data=False)
-    convs = _quantized_convs(qdq)
+    convs = dequantized_weights(qdq)
     if optimized_path is not None:
         opt = onnx.load(str(optimized_path))
     else:
