@@ -26,7 +26,7 @@ from .errors import OnnxqError, first_line
 from .images import iter_batches, unreadable_error
 from .preprocess import Preprocess
 from .stats import Stats
-from .workers import Workers, claimed, cores
+from .workers import Workers, claimed, cores, started
 
 
 def model_with_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
@@ -257,8 +257,9 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
     tensors = list(tensors)
     batch_size = inputs.batch_size(batch_size)
     if not isinstance(workers, Workers):
-        with Workers(min(int(workers), len(paths))) as started:
-            return calibrate(model, inputs, tensors, paths, pp, model_hash, batch_size=batch_size, workers=started,
+        with started(min(int(workers), len(paths))) as started_workers:
+            return calibrate(model, inputs, tensors, paths, pp, model_hash, batch_size=batch_size,
+                             workers=started_workers,
                              threads=threads, progress=progress, on_skip=on_skip, channel_tensors=channel_tensors,
                              minmax_only=minmax_only)
     bar = tqdm(total=len(paths), desc="calibrating", unit="img", disable=not progress, leave=False)

@@ -9,11 +9,9 @@ with another placement" from the same statistics, then rewrite. Saving is the ca
 """
 
 import collections
-import contextlib
 import functools
 import os
 import time
-import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -52,20 +50,12 @@ def gives_memory_back(fn):
     return then_release
 
 
-@contextlib.contextmanager
 def started_workers(count, needed):
     """The calibration worker processes, started at once so that they get ready while the model is
-    prepared (see workers.Workers), and stopped at the end; `count` itself where none are needed."""
-    from .workers import Workers, cores
+    prepared (see workers.Workers), and stopped at the end; none where nothing is calibrated."""
+    from .workers import started
 
-    if int(count) > cores():  # a process more than the cores only adds its start-up
-        warnings.warn(f"--workers {count}: this process may use {cores()} core(s); running {cores()}")
-        count = cores()
-    if not needed or count <= 1:
-        yield count
-        return
-    with Workers(count) as started:
-        yield started
+    return started(count if needed else 1)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ stop them on an error. What a worker runs is calibrate.Shard.count; this module 
 import multiprocessing as mp
 import os
 import queue
+import warnings
 
 from .errors import OnnxqError
 
@@ -17,6 +18,15 @@ def cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # no affinity API (macOS, Windows)
         return os.cpu_count() or 1
+
+
+def started(count) -> "Workers":
+    """Workers(count), at most one process per core (a process more than the cores only adds its start-up):
+    the one place calibration processes are started. Use as a context manager."""
+    if int(count) > cores():
+        warnings.warn(f"--workers {count}: this process may use {cores()} core(s); running {cores()}")
+        count = cores()
+    return Workers(count)
 
 
 class Workers:
