@@ -257,7 +257,7 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
     tensors = list(tensors)
     batch_size = inputs.batch_size(batch_size)
     if not isinstance(workers, Workers):
-        with started(min(int(workers), len(paths))) as started_workers:
+        with started(min(int(workers), len(paths)), per_core=False) as started_workers:
             return calibrate(model, inputs, tensors, paths, pp, model_hash, batch_size=batch_size,
                              workers=started_workers,
                              threads=threads, progress=progress, on_skip=on_skip, channel_tensors=channel_tensors,

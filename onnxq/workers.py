@@ -20,10 +20,10 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def started(count) -> "Workers":
-    """Workers(count), at most one process per core (a process more than the cores only adds its start-up):
-    the one place calibration processes are started. Use as a context manager."""
-    if int(count) > cores():
+def started(count, per_core=True) -> "Workers":
+    """Workers(count), the one place calibration processes are started; per_core: at most one per core (the
+    user's --workers: a process more than the cores only adds its start-up). Use as a context manager."""
+    if per_core and int(count) > cores():
         warnings.warn(f"--workers {count}: this process may use {cores()} core(s); running {cores()}")
         count = cores()
     return Workers(count)
