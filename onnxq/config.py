@@ -100,6 +100,7 @@ class QuantConfig:
             raise UsageError(f"--max-drop {given['max_drop']}: an mAP50-95 drop of 0 or more")
         if "val" in given and given.get("verify", True) is not True:
             raise UsageError("--val checks on its labelled images: drop --verify / --no-verify")
+        _check_labelled(given.get("val"))
         given.update(target=tgt.name, method=method, w_bits=w_bits, a_bits=a_bits, percentile=percentile,
                      overflow_fix=overflow_fix, symmetric=bool(symmetric), weights=weights,
                      exclude=tuple(given.get("exclude", ())), preprocess=as_preprocess(given.get("preprocess")))
@@ -115,3 +116,15 @@ class QuantConfig:
     @property
     def placement(self) -> dict:
         return dict(keep_first=self.keep_first, keep_head=self.keep_head, exclude=self.exclude)
+
+
+def _check_labelled(val):
+    """Each --val folder holds its labels, checked before the calibration rather than after it."""
+    from pathlib import Path
+
+    from .errors import OnnxqError
+
+    for folder in [] if val is None else [val] if isinstance(val, (str, Path)) else list(val):
+        if not (Path(folder) / "instances.json").is_file():
+            raise OnnxqError(f"{folder}: no instances.json (--val takes a labelled COCO folder: images/ and "
+                             f"instances.json)")

@@ -131,3 +131,11 @@ def test_one_reader_of_qdq_models_sees_the_grid_and_the_quantized_weights():
     assert pairs and all(p.qmax - p.qmin == 15 for p in pairs.values())
     assert {c.tensor for c in report.activations} <= set(pairs) | {t for t in report.float_tensors}
     assert set(dequantized_weights(q)) == {w["node"] for w in report.weights}
+
+
+def test_a_val_folder_without_labels_is_refused_before_any_work():
+    from conftest import CALIB_DIR
+    from onnxq.errors import OnnxqError
+
+    with pytest.raises(OnnxqError, match="no instances.json"):
+        QuantConfig.make(val=CALIB_DIR / "images")
