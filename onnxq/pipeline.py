@@ -293,7 +293,8 @@ def verification_images(calib, config):
     if config.val is not None:  # the check runs on labelled images; these few only rank layers for a repair
         from .repair import SENSITIVITY_IMAGES
 
-        return [], list_images(config.val, num_images=SENSITIVITY_IMAGES, seed=seed), None
+        first = config.val if isinstance(config.val, (str, os.PathLike)) else config.val[0]
+        return [], list_images(first, num_images=SENSITIVITY_IMAGES, seed=seed), None
     if verify is False or verify is None:
         return [], [], None
     if verify is not True:

@@ -139,3 +139,13 @@ def test_a_val_folder_without_labels_is_refused_before_any_work():
 
     with pytest.raises(OnnxqError, match="no instances.json"):
         QuantConfig.make(val=CALIB_DIR / "images")
+
+
+def test_several_val_folders_rank_layers_on_the_first_ones_images():
+    from onnxq.pipeline import verification_images
+    from onnxq.repair import SENSITIVITY_IMAGES
+
+    val = [MODELS_DIR.parent / "data" / "coco_val2017_first128", MODELS_DIR.parent / "data" / "coco_val2017_more500"]
+    held, paths, note = verification_images(None, QuantConfig.make(val=val))
+    assert held == [] and note is None and len(paths) == SENSITIVITY_IMAGES
+    assert all(str(val[0]) in str(p) for p in paths)
