@@ -53,15 +53,9 @@ def val_dirs(names):
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    from onnxq.cpu import cpu_line
+
+    return f"{cpu_line()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def stamp():

@@ -36,3 +36,27 @@ def int8_dot_saturates() -> bool | None:
     except OSError:
         cpuinfo = None  # not Linux: no flags to read here
     return saturates(platform.machine(), cpuinfo)
+
+
+def describe_cpu(cpuinfo: str | None, machine: str) -> dict:
+    """{"name", "int8"}: the CPU's model name and its exact int8 dot-product extensions (VNNI, AMX): the
+    int8 kernels a CPU runtime picks, and so its speed, depend on them (bench/latency.py)."""
+    lines = (cpuinfo or "").splitlines()
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), machine)
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return {"name": name, "int8": [f for f in _EXACT_INT8_DOT if f in flags]}
+
+
+@functools.lru_cache(maxsize=None)
+def this_cpu() -> dict:
+    """describe_cpu() for this machine."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = None
+    return describe_cpu(cpuinfo, platform.processor() or platform.machine())
+
+
+def cpu_line() -> str:
+    cpu = this_cpu()
+    return f"{cpu['name']} (int8 dot product: {', '.join(cpu['int8']) or 'no VNNI/AMX'})"

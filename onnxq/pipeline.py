@@ -91,7 +91,8 @@ def quantize_with_report(model, calib, stats, config, on_skip=None):
         st, stats_name = _loaded_stats(stats)
         # a dynamic-size model is fed the size its statistics were collected at unless told otherwise
         prepared = prepare_model(model, imgsz=config.imgsz, input_values=config.input_values,
-                                 default_imgsz=st.image_hw if st is not None else None)
+                                 default_imgsz=st.image_hw if st is not None else None,
+                                 head_layouts=target.head_layouts)
         plan = place(prepared, target, config)
         _check_something_to_quantize(prepared, plan)
         if st is not None:

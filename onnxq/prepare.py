@@ -26,7 +26,8 @@ class Prepared:
     name: str
 
 
-def prepare_model(model_or_path, imgsz=None, input_values=None, default_imgsz=None) -> Prepared:
+def prepare_model(model_or_path, imgsz=None, input_values=None, default_imgsz=None, head_layouts=None) -> Prepared:
+    """head_layouts: the passes.layout rewrites to apply (a target's; None: all)."""
     if isinstance(model_or_path, onnx.ModelProto):
         source, name = model_or_path, model_or_path.graph.name or "model"
         from .model import check_model
@@ -36,7 +37,8 @@ def prepare_model(model_or_path, imgsz=None, input_values=None, default_imgsz=No
         source = load_model(model_or_path)
     inputs = find_inputs(source, imgsz=imgsz, input_values=input_values, path=name, default_imgsz=default_imgsz)
     upgraded = infer_shapes(upgrade_opset(source))
-    graph = fast_head_layouts(untie_shared_weights(name_nodes(fold_constants(to_graph(upgraded)))))
+    graph = fast_head_layouts(untie_shared_weights(name_nodes(fold_constants(to_graph(upgraded)))),
+                              head_layouts)
     model = to_model(graph, source)
     return Prepared(source, model, graph, inputs, model_hash(source), name)
 

@@ -353,6 +353,9 @@ def test_cli_bench_two_models(fp32_model, qdq_model, tmp_path, capsys):
     ratio = data["models"][0]["median_ms"] / data["models"][1]["median_ms"]
     assert data["speedup_second_vs_first"] == pytest.approx(ratio)
     assert "fastestdet_qdq.onnx vs fastestdet_352.onnx" in out and "median ms" in out
+    # the CPU it ran on, named: int8 speed depends on its dot-product extensions
+    from onnxq.cpu import this_cpu
+    assert data["cpu"] == this_cpu() and f"CPU {this_cpu()['name']}" in out
 
 
 @pytest.mark.parametrize("argv", [["bench", "{bad}"], ["build", "{bad}", "--backend", "ort"],

@@ -157,6 +157,16 @@ def test_saturation_is_read_from_the_cpu_flags(machine, cpuinfo, expected):
     assert saturates(machine, cpuinfo) is expected
 
 
+def test_the_cpu_is_described_by_its_name_and_int8_extensions():
+    from onnxq.cpu import describe_cpu
+
+    text = "model name\t: AMD EPYC 9R14\n" + _FLAGS.format("avx512f avx512_vnni")
+    assert describe_cpu(text, "x86_64") == {"name": "AMD EPYC 9R14", "int8": ["avx512_vnni"]}
+    sapphire = "model name\t: Intel(R) Xeon(R) Platinum 8488C\n" + _FLAGS.format("avx512_vnni amx_int8 amx_tile")
+    assert describe_cpu(sapphire, "x86_64")["int8"] == ["avx512_vnni", "amx_int8"]
+    assert describe_cpu(None, "aarch64") == {"name": "aarch64", "int8": []}
+
+
 def test_below_8_bits_the_fix_changes_nothing(yolov5n_stats):
     """6-bit weights cannot overflow the 16-bit pair sums: the fix leaves them on their own grid."""
     q, report = quantize_with_report(YOLOV5N, stats=yolov5n_stats, target="openvino", w_bits=6, a_bits=6,

@@ -26,6 +26,7 @@ def register(sub):
 def run(args):
     from ..backends import get_runner
     from ..backends.bench import measure_many, random_feed
+    from ..cpu import cpu_line, this_cpu
 
     quiet_warnings(args.verbose)
     if len(args.models) > 2:
@@ -45,11 +46,12 @@ def run(args):
     label = args.runtime + (f" ({precision})" if precision else "")
     threads = args.threads or "default"
     print(f"onnxq bench: {label}, threads {threads}, batch 1, {args.warmup} warm-up runs"
-          + (", interleaved" if len(runners) > 1 else ""))
+          + (", interleaved" if len(runners) > 1 else "") + f"; CPU {cpu_line()}")
     print_table([[Path(m).name, f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['mean_ms']:.3f}",
                   f"{r['throughput_fps']:.1f}", r["runs"]] for m, r in zip(args.models, results)],
                 ["model", "median ms", "p90 ms", "mean ms", "fps", "runs"])
     report = {"runtime": args.runtime, "precision": precision, "threads": args.threads, "warmup": args.warmup,
+              "cpu": this_cpu(),
               "models": [{"model": str(m), **r} for m, r in zip(args.models, results)]}
     if len(results) == 2:
         speedup = results[0]["median_ms"] / results[1]["median_ms"]

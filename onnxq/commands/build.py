@@ -35,10 +35,11 @@ def _default_output(model, backend) -> Path:
 
 def _build_ort(model, out):
     from ..backends.ort.build import integer_conv_report, op_counts, optimize
+    from ..cpu import cpu_line, this_cpu
 
     path = optimize(model, out)
     counts = op_counts(path)
-    print(f"onnxq build: onnxruntime optimized graph written to {path}")
+    print(f"onnxq build: onnxruntime optimized graph written to {path}, for CPU {cpu_line()}")
     print_table(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])), ["op", "count"])
     report = integer_conv_report(model, path)
     if report["quantized_convs"]:
@@ -46,18 +47,19 @@ def _build_ort(model, out):
               f"{report['quantized_convs']} (matched by {report['method']})")
         for name in report["float"]:
             print(f"  still float: {name}")
-    return {"output": str(path), "op_counts": counts, "integer_convs": report}
+    return {"output": str(path), "cpu": this_cpu(), "op_counts": counts, "integer_convs": report}
 
 
 def _build_openvino(model, out, list_all):
     from ..backends import require
+    from ..cpu import cpu_line, this_cpu
 
     require("openvino", "openvino")
     from ..backends.openvino.build import CONV_LAYERS, INTEGER_PRECISIONS, build_ir, runtime_precisions
 
     xml = build_ir(model, out)
     rows = runtime_precisions(xml)
-    print(f"onnxq build: OpenVINO IR written to {xml} (+ .bin), compiled on CPU")
+    print(f"onnxq build: OpenVINO IR written to {xml} (+ .bin), compiled on CPU {cpu_line()}")
     groups = {}
     for r in rows:
         key = (r["type"], r["precision"], r["kernel"])
@@ -70,7 +72,8 @@ def _build_openvino(model, out, list_all):
         print()
         print_table([[r["name"], r["type"], r["precision"], r["kernel"]] for r in rows],
                     ["layer", "type", "precision", "kernel"])
-    return {"output": str(xml), "layers": rows, "int8_convolutions": n_int8, "convolutions": len(convs)}
+    return {"output": str(xml), "cpu": this_cpu(), "layers": rows, "int8_convolutions": n_int8,
+            "convolutions": len(convs)}
 
 
 def _build_tensorrt(model, out, fp16, workspace_gb, imgsz, max_batch):

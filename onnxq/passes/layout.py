@@ -18,9 +18,10 @@ import onnx_graphsurgeon as gs
 from .graph import consumers, name_maker
 
 
-def fast_head_layouts(graph: gs.Graph) -> gs.Graph:
+def fast_head_layouts(graph: gs.Graph, rewrites=None) -> gs.Graph:
+    """The graph with the named rewrites (HEAD_LAYOUTS' keys; None: all of them) applied."""
     fresh = name_maker(graph)
-    changed = _channels_last_detect(graph, fresh) + _softmax_last_dfl(graph, fresh)
+    changed = sum(HEAD_LAYOUTS[name](graph, fresh) for name in (HEAD_LAYOUTS if rewrites is None else rewrites))
     if changed:
         graph.cleanup().toposort()
     return graph
@@ -88,3 +89,7 @@ def _softmax_last_dfl(graph, fresh) -> int:
         conv.outputs.clear()
         count += 1
     return count
+
+
+# by name, for targets.Target.head_layouts: each runtime takes the rewrites that run faster on it
+HEAD_LAYOUTS = {"channels-last-detect": _channels_last_detect, "softmax-last-dfl": _softmax_last_dfl}
