@@ -1,7 +1,7 @@
 """Speed and accuracy side by side: batch-1 latency of FP32 and INT8 models on onnxruntime and OpenVINO.
 
 For yolov5n, yolov8n and yolox_nano at their native sizes: FP32, FP32 with
-onnxq's exact head-layout rewrites (passes.layout), onnxq W8A8 (uh, the
+onnxq's exact layout rewrites (passes.layout), onnxq W8A8 (uh, the
 runtime's own --target; --symmetric adds the openvino model with symmetric
 activations), nncf.quantize defaults, and onnxruntime quantize_static (QDQ,
 per-channel, MinMax), each timed on onnxruntime and on
@@ -48,7 +48,7 @@ def main():
         variants = {"FP32": {"ort": model, "openvino": model}}
         # the float model as onnxq rewrites it before quantizing (passes.layout): what its layouts alone give
         relaid = save_model(to_model(prepare_model(model).graph, load_model(model)), tmp / f"{key}-fp32-layouts.onnx")
-        variants["FP32, head layouts rewritten"] = {"ort": relaid, "openvino": relaid}
+        variants["FP32, layouts rewritten"] = {"ort": relaid, "openvino": relaid}
         reports = {}
         for runtime in ("ort", "openvino"):
             q, rep = quantize_with_report(model, C.CALIB / "images", num_images=args.images, target=runtime)

@@ -92,7 +92,7 @@ def quantize_with_report(model, calib, stats, config, on_skip=None):
         # a dynamic-size model is fed the size its statistics were collected at unless told otherwise
         prepared = prepare_model(model, imgsz=config.imgsz, input_values=config.input_values,
                                  default_imgsz=st.image_hw if st is not None else None,
-                                 head_layouts=target.head_layouts)
+                                 layout_rewrites=target.layout_rewrites)
         plan = place(prepared, target, config)
         _check_something_to_quantize(prepared, plan)
         if st is not None:

@@ -7,15 +7,15 @@ import onnx
 from .model import find_inputs, infer_shapes, load_model
 from .passes.fold import fold_constants, name_nodes, untie_shared_weights
 from .passes.graph import to_graph, to_model
-from .passes.layout import fast_head_layouts
+from .passes.layout import fast_layouts
 from .passes.opset import upgrade_opset
 from .stats import model_hash
 
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
-    """A model ready for calibration and rewriting (opset >= 13, constants folded, every node named, the head's
-    slow layout patterns rewritten exactly: passes.layout).
+    """A model ready for calibration and rewriting (opset >= 13, constants folded, every node named, the
+    stem's and head's slow layout patterns rewritten exactly: passes.layout).
     Stages read `graph` and rewrite copies of it, never it."""
 
     source: onnx.ModelProto  # as loaded: its metadata and opsets are the output's
@@ -26,8 +26,9 @@ class Prepared:
     name: str
 
 
-def prepare_model(model_or_path, imgsz=None, input_values=None, default_imgsz=None, head_layouts=None) -> Prepared:
-    """head_layouts: the passes.layout rewrites to apply (a target's; None: all)."""
+def prepare_model(model_or_path, imgsz=None, input_values=None, default_imgsz=None,
+                  layout_rewrites=None) -> Prepared:
+    """layout_rewrites: the passes.layout rewrites to apply (a target's; None: all)."""
     if isinstance(model_or_path, onnx.ModelProto):
         source, name = model_or_path, model_or_path.graph.name or "model"
         from .model import check_model
@@ -37,8 +38,7 @@ def prepare_model(model_or_path, imgsz=None, input_values=None, default_imgsz=No
         source = load_model(model_or_path)
     inputs = find_inputs(source, imgsz=imgsz, input_values=input_values, path=name, default_imgsz=default_imgsz)
     upgraded = infer_shapes(upgrade_opset(source))
-    graph = fast_head_layouts(untie_shared_weights(name_nodes(fold_constants(to_graph(upgraded)))),
-                              head_layouts)
+    graph = fast_layouts(untie_shared_weights(name_nodes(fold_constants(to_graph(upgraded)))), layout_rewrites)
     model = to_model(graph, source)
     return Prepared(source, model, graph, inputs, model_hash(source), name)
 

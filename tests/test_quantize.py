@@ -166,6 +166,7 @@ def test_ort_target_keeps_int8_between_convs(tmp_path):
     from onnxq.api import prepare_model
     from onnxq.backends.ort import optimize
     from onnxq.passes.head import find_head
+    from onnxq.targets import get_target
 
     path = MODELS_DIR / "yolov8n_from-int8_640.onnx"
     q, _ = quantize_with_report(path, CALIB_DIR / "images", num_images=2, bias_correction=0, target="ort")
@@ -326,8 +327,9 @@ def test_openvino_runs_the_quantized_convs_in_u8(tmp_path):
 
 def test_openvino_target_runs_every_conv_int8_and_quantizes_the_image_exactly(tmp_path):
     """--target openvino quantizes the first and head convs too; YOLOX's Focus stem reads the image through
-    Slices and a Concat, so the image itself is quantized (0-255 pixels: scale 1, zero-point 0, exact), the
-    Slices and the stem's Concat read its dequantized copy, and OpenVINO runs the Slices in int8."""
+    Slices and a Concat, which prepare rewrites to one SpaceToDepth (passes.layout), so the image itself is
+    quantized (0-255 pixels: scale 1, zero-point 0, exact), the SpaceToDepth reads its dequantized copy, and
+    OpenVINO runs it with an optimized kernel."""
     from onnxq.backends.openvino import runtime_precisions
 
     path = MODELS_DIR / "yolox_nano_416.onnx"
@@ -337,21 +339,21 @@ def test_openvino_target_runs_every_conv_int8_and_quantizes_the_image_exactly(tm
     quant = {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear"}
     image = quant[q.graph.input[0].name]
     assert float(inits[image.input[1]]) == 1.0 and int(inits[image.input[2]]) == 0
-    stem = next(n for n in q.graph.node if n.op_type == "Concat" and "stem" in n.name)
-    assert stem.output[0] not in quant  # picked from the dequantized image: on its grid, no Q/DQ of its own
+    stem = next(n for n in q.graph.node if n.op_type == "SpaceToDepth")
+    # requantized with the image's own parameters (exact): OpenVINO then runs the stem conv in int8
+    stem_q = quant[stem.output[0]]
+    assert float(inits[stem_q.input[1]]) == 1.0 and int(inits[stem_q.input[2]]) == 0
+    assert not any(n.op_type == "Slice" for n in q.graph.node)
     producer = {o: n for n in q.graph.node for o in n.output}
-    for x in stem.input:
-        node = producer[x]
-        while node.op_type == "Slice":
-            node = producer[node.input[0]]
-        assert node.op_type == "DequantizeLinear" and node.input[0] == image.output[0]
+    node = producer[stem.input[0]]
+    assert node.op_type == "DequantizeLinear" and node.input[0] == image.output[0]
     qpath = save_model(q, tmp_path / "q.onnx")
-    rows = runtime_precisions(qpath, layers=("Convolution", "GroupConvolution", "StridedSlice"))
-    convs = [r for r in rows if r["type"] != "StridedSlice"]
+    rows = runtime_precisions(qpath, layers=("Convolution", "GroupConvolution", "SpaceToDepth"))
+    convs = [r for r in rows if r["type"] != "SpaceToDepth"]
     starved = [n for n, why in report.float_nodes.items() if why.startswith("depthwise")]
     assert sum(r["precision"] not in ("u8", "i8") for r in convs) == len(starved)
-    slices = [r for r in rows if r["type"] == "StridedSlice"]
-    assert slices and all(r["precision"] in ("u8", "i8") for r in slices)
+    stems = [r for r in rows if r["type"] == "SpaceToDepth"]
+    assert stems and not any(r["kernel"].startswith("ref") for r in stems)  # the Slices ran as reference kernels
 
 
 def test_openvino_target_leaves_no_float_islands_between_int8_layers(tmp_path):
@@ -360,10 +362,11 @@ def test_openvino_target_leaves_no_float_islands_between_int8_layers(tmp_path):
     from onnxq.api import prepare_model
     from onnxq.backends.openvino import runtime_precisions
     from onnxq.passes.head import find_head
+    from onnxq.targets import get_target
 
     path = MODELS_DIR / "yolov8n_from-int8_640.onnx"
     q, _ = quantize_with_report(path, CALIB_DIR / "images", num_images=2, bias_correction=0, target="openvino")
-    tail = find_head(prepare_model(path).graph).tail
+    tail = find_head(prepare_model(path, layout_rewrites=get_target("openvino").layout_rewrites).graph).tail
     image_q = {n.name for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == q.graph.input[0].name}
     nodes = {n.name for n in q.graph.node}
     rows = runtime_precisions(save_model(q, tmp_path / "q.onnx"),

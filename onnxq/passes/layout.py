@@ -1,11 +1,14 @@
-"""Exact rewrites of float layout patterns in detection heads that CPU runtimes run slowly.
+"""Exact rewrites of float layout patterns in detectors' stems and heads that CPU runtimes run slowly.
 
-Both compute the same values (on the shared models the outputs are equal bit for bit: a test checks),
-only with cheaper memory moves:
+Each computes the same values with cheaper memory moves (the head ones bit for bit on the shared models,
+the stem one up to float summation order: tests check):
 - a head conv's [N, A*K, H, W] output reshaped to [N, A, K, H, W] and transposed to [N, A, H, W, K]
   (YOLOv5's Detect) becomes a transpose to [N, H, W, A*K] (the conv's own channels-last layout), a
   reshape to [N, H, W, A, K] and a transpose of whole K-float rows: OpenVINO ran the 5-D transpose as a
   slow reference kernel;
+- a Focus stem (YOLOX, early YOLOv5), four 2x2-strided Slices of the image concatenated, becomes one
+  SpaceToDepth, the convs reading it taking their input channels in its order (the int8 sums are the
+  same integers; float ones differ by summation order only): OpenVINO ran the Slices as reference kernels;
 - a distribution-focal-loss decode, Transpose(0,2,1,3) -> Softmax over axis 1 -> a 1x1 Conv whose one
   output channel weighs the bins (YOLOv8's DFL), becomes a transpose that keeps the bins last, Softmax
   over the last axis, a MatMul with the same weights and a transpose to the Conv's layout: onnxruntime
@@ -18,10 +21,11 @@ import onnx_graphsurgeon as gs
 from .graph import consumers, name_maker
 
 
-def fast_head_layouts(graph: gs.Graph, rewrites=None) -> gs.Graph:
-    """The graph with the named rewrites (HEAD_LAYOUTS' keys; None: all of them) applied."""
+def fast_layouts(graph: gs.Graph, rewrites=None) -> gs.Graph:
+    """The graph with the named rewrites (LAYOUT_REWRITES' keys; None: all of them) applied."""
     fresh = name_maker(graph)
-    changed = sum(HEAD_LAYOUTS[name](graph, fresh) for name in (HEAD_LAYOUTS if rewrites is None else rewrites))
+    names = LAYOUT_REWRITES if rewrites is None else rewrites
+    changed = sum(LAYOUT_REWRITES[name](graph, fresh) for name in names)
     if changed:
         graph.cleanup().toposort()
     return graph
@@ -91,5 +95,63 @@ def _softmax_last_dfl(graph, fresh) -> int:
     return count
 
 
-# by name, for targets.Target.head_layouts: each runtime takes the rewrites that run faster on it
-HEAD_LAYOUTS = {"channels-last-detect": _channels_last_detect, "softmax-last-dfl": _softmax_last_dfl}
+def _slice_chain(t):
+    """(source, {axis: (start, step)}) if `t` is Slice(...Slice(source)) with constant parameters and every
+    end past its axis' size; else None."""
+    picks = {}
+    while t.inputs and t.inputs[0].op == "Slice":
+        node = t.inputs[0]
+        starts, ends, axes, steps = (_const(node.inputs[i]) if len(node.inputs) > i else None for i in range(1, 5))
+        x = node.inputs[0]
+        if starts is None or ends is None or axes is None or steps is None or x.shape is None:
+            return None
+        for a, b, e, st in zip(axes.tolist(), starts.tolist(), ends.tolist(), steps.tolist()):
+            a = a % len(x.shape)
+            size = x.shape[a]
+            if a in picks or not isinstance(size, int) or e < size or not 0 <= b < st:
+                return None
+            picks[a] = (b, st)
+        t = x
+    return (t, picks) if picks else None
+
+
+def _focus_space_to_depth(graph, fresh) -> int:
+    """A Focus stem, Concat of the four 2x2-strided Slices of one [N, C, H, W] tensor, as SpaceToDepth (one
+    memory pass; OpenVINO ran the Slices as reference kernels): SpaceToDepth orders the four phases
+    row-major, so the Convs reading the Concat get their input channels permuted to match."""
+    uses = consumers(graph)
+    count = 0
+    for cat in [n for n in graph.nodes if n.op == "Concat" and len(n.inputs) == 4]:
+        chains = [_slice_chain(t) for t in cat.inputs]
+        if any(c is None for c in chains) or any(len(uses.get(t.name, [])) != 1 for t in cat.inputs):
+            continue
+        x = chains[0][0]
+        if any(c[0] is not x for c in chains) or len(x.shape) != 4 or int(cat.attrs.get("axis", 0)) % 4 != 1:
+            continue
+        phases = [(c[1].get(2), c[1].get(3)) for c in chains]
+        if any(set(c[1]) != {2, 3} or p[0][1] != 2 or p[1][1] != 2 for c, p in zip(chains, phases)):
+            continue
+        order = [2 * dy + dx for (dy, _), (dx, _) in phases]  # each Concat input's block in SpaceToDepth's output
+        n, c, h, w = x.shape
+        readers = uses.get(cat.outputs[0].name, [])
+        if sorted(order) != [0, 1, 2, 3] or not isinstance(c, int) or any(
+                isinstance(d, int) and d % 2 for d in (h, w)) or cat.outputs[0] in graph.outputs or not readers or any(
+                r.op != "Conv" or r.inputs[0] is not cat.outputs[0] or _const(r.inputs[1]) is None or
+                int(r.attrs.get("group", 1)) != 1 for r in readers):
+            continue
+        # SpaceToDepth's channel k*C + i holds what the Concat had at channel p*C + i, p the input of block k
+        source = np.concatenate([np.arange(order.index(k) * c, order.index(k) * c + c) for k in range(4)])
+        # a new name: the channels are in another order than the Concat's
+        y = gs.Variable(fresh(f"{cat.outputs[0].name}_s2d"), dtype=x.dtype, shape=cat.outputs[0].shape)
+        for conv in readers:
+            wt = _const(conv.inputs[1])
+            conv.inputs[0] = y
+            conv.inputs[1] = gs.Constant(fresh(f"{conv.inputs[1].name}_s2d"), np.ascontiguousarray(wt[:, source]))
+        graph.nodes.append(gs.Node("SpaceToDepth", fresh(f"{cat.name}_s2d"), {"blocksize": 2}, [x], [y]))
+        count += 1
+    return count
+
+
+# by name, for targets.Target.layout_rewrites: each runtime takes the rewrites that run faster on it
+LAYOUT_REWRITES = {"channels-last-detect": _channels_last_detect, "softmax-last-dfl": _softmax_last_dfl,
+                "focus-space-to-depth": _focus_space_to_depth}

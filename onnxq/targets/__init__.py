@@ -50,9 +50,9 @@ class Target:
     # where verification runs the quantized model: the runtime the target is for (TensorRT cannot run here:
     # onnxruntime runs its QDQ model as written)
     runtime: str = "ort"
-    # passes.layout's exact head rewrites that make this runtime faster: OpenVINO runs YOLOv8's DFL Softmax
+    # passes.layout's exact rewrites that make this runtime faster: OpenVINO runs YOLOv8's DFL Softmax
     # over its middle axis as fast as over the last, so that rewrite's Transpose and MatMul only add time there
-    head_layouts: tuple = ("channels-last-detect", "softmax-last-dfl")
+    layout_rewrites: tuple = ("channels-last-detect", "softmax-last-dfl", "focus-space-to-depth")
     description: str = ""
 
 
@@ -73,7 +73,7 @@ TARGETS = {
         unify_concat=True,
         concat_output_on_input_grid=True,
         runtime="openvino",
-        head_layouts=("channels-last-detect",),
+        layout_rewrites=("channels-last-detect", "focus-space-to-depth"),
         description="OpenVINO: Q/DQ (FakeQuantize) on Conv inputs, first and head convs included, and on the "
                     "inputs of residual Adds, Concats (one scale per Concat, none on its output) and Splits, "
                     "read by every consumer; LPT runs them in u8/i8",
