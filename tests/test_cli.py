@@ -291,3 +291,24 @@ def test_json_outputs_hold_no_nan_or_infinity(tmp_path):
     assert json.loads(path.read_text(), parse_constant=refuse) == {"mse": None, "rows": [{"sqnr_db": None},
                                                                                          [1.5, None]],
                                                                    "np": [None, 3]}
+
+
+def test_eval_scores_several_data_folders_as_one_set(tmp_path):
+    """--data given twice: both folders' images scored together (as bench/accuracy.py scores the two val sets)."""
+    full = json.loads((VAL_DIR / "instances.json").read_text())
+    images = sorted(full["images"], key=lambda im: im["id"])[:6]
+    for part, chosen in (("a", images[:3]), ("b", images[3:])):
+        folder = tmp_path / part / "images"
+        folder.mkdir(parents=True)
+        ids = {im["id"] for im in chosen}
+        for im in chosen:
+            (folder / im["file_name"]).symlink_to(VAL_DIR / "images" / im["file_name"])
+        (tmp_path / part / "instances.json").write_text(json.dumps(
+            {**full, "images": chosen, "annotations": [a for a in full["annotations"] if a["image_id"] in ids]}))
+    code, _, stderr = run_cli("eval", MODELS_DIR / "yolox_nano_416.onnx", "--data", tmp_path / "a", "--data",
+                              tmp_path / "b", "--json", tmp_path / "e.json", "--no-progress")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "e.json").read_text())["images"] == 6
+    code, _, stderr = run_cli("eval", MODELS_DIR / "yolox_nano_416.onnx", "--data", tmp_path / "a", "--data",
+                              tmp_path / "b", "--ann", tmp_path / "a" / "instances.json")
+    assert code == 2 and "--ann applies to one --data folder" in stderr

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from ..backends import BACKENDS
+from ..errors import UsageError
 from ..evaluate.families import FAMILIES
 from ..fileio import check_writable
 from .common import MODEL_INPUT, PREPROCESS, add_verbose, positive, print_table, quiet_warnings, write_json
@@ -22,7 +23,9 @@ def register(sub):
     p = sub.add_parser("eval", help="COCO mAP50-95 / mAP50 of a model over a COCO-format folder",
                        description=DESCRIPTION)
     p.add_argument("model")
-    p.add_argument("--data", required=True, metavar="DIR", help="COCO folder: images/ and instances.json")
+    p.add_argument("--data", required=True, metavar="DIR", action="append",
+                   help="COCO folder: images/ and instances.json; given again, the folders are scored as one set "
+                        "(their image ids must differ)")
     p.add_argument("--ann", metavar="FILE", help="COCO annotation file (default DIR/instances.json)")
     p.add_argument("--runtime", choices=BACKENDS, default="ort",
                    help="onnxruntime CPU, OpenVINO CPU (f32 precision hint), or reference: onnxruntime running "
@@ -62,7 +65,10 @@ def run(args):
         load_model(args.reference)  # a broken reference is a one-line error before the long run, not after
     preprocessing = PREPROCESS.parse(args)
     pp, pp_source = preprocessing["preprocess"], preprocessing["preprocess_source"]
-    r = evaluate_model(args.model, args.data, ann=args.ann, runtime=args.runtime, pp=pp, family=args.family,
+    data = args.data[0] if len(args.data) == 1 else args.data
+    if args.ann and len(args.data) > 1:
+        raise UsageError("--ann applies to one --data folder (each folder's instances.json is read)")
+    r = evaluate_model(args.model, data, ann=args.ann, runtime=args.runtime, pp=pp, family=args.family,
                        imgsz=preprocessing["imgsz"], **MODEL_INPUT.parse(args),
                        num_images=positive("--num-images", args.num_images),
                        threads=positive("--threads", args.threads), progress=not args.no_progress,
@@ -94,7 +100,7 @@ def run(args):
 
 
 def _agreement(args, result):
-    """The model's agreement with --reference on the first --reference-images images of --data."""
+    """The model's agreement with --reference on the first --reference-images images of the first --data."""
     import onnx
 
     from ..images import list_images
@@ -103,7 +109,7 @@ def _agreement(args, result):
     from ..verify import measure_agreement
 
     model = onnx.load(args.model)
-    data = Path(args.data)
+    data = Path(args.data[0])
     paths = list_images(data / "images" if (data / "images").is_dir() else data)
     paths = paths[:positive("--reference-images", args.reference_images)]
     return measure_agreement(args.reference, model, paths, Preprocess.from_dict(result["preprocess"]),
