@@ -23,6 +23,15 @@ VERIFY_IMAGES = 32
 MIN_AGREEMENT = 70.0
 # ...keeping at most this share of its quantized convs float
 MAX_FLOAT_SHARE = 0.1
+# Below this agreement a model placed for another runtime is also checked against Q-YOLO's placement built
+# from the same statistics (conv inputs alone quantized: the most accurate); above it that check would cost
+# the models that agree well a second verification...
+REFERENCE_BELOW = 90.0
+REFERENCE_PLACEMENT = "qyolo"
+# ...and agreeing this much less than it is said: the target's int8 regions, not quantization itself, cost
+# that model accuracy (on the shared models, the gap that separates the ort placements losing 0.5 more than
+# qyolo's from those within 0.3 of it: README)
+REFERENCE_GAP = 4.0
 # with labels (--val): the largest mAP50-95 drop from the float model, under either scoring protocol, that passes
 MAX_DROP = 0.5
 # weight rounding: the paper's per-channel MinMax, each channel's clip by least squared error, or GPTQ

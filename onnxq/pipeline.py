@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from .choices import CALIBRATION_FLOOR
+from .choices import CALIBRATION_FLOOR, REFERENCE_BELOW, REFERENCE_GAP, REFERENCE_PLACEMENT
 from .choose import choose_spec, place
 from .derived import derive_sigmoid_ranges, derive_unions
 from .errors import OnnxqError, UsageError, first_line
@@ -28,6 +28,7 @@ from .passes.qdq import insert_qdq
 from .passes.select import plan_quantization
 from .prepare import prepare_model, resolve_preprocess
 from .preprocess import Preprocess
+from .repair import AGREEMENT
 from .report import RunFacts, make_report, stamp_metadata
 from .request import observation_request, reusable_request
 from .stats import Stats
@@ -325,7 +326,30 @@ def verify_and_repair(model, prepared, target, config, builder, built, paths, pp
         from .repair import repair_model
 
         built, result, repair = repair_model(builder, built, result, check, prepared, paths, pp, config.max_float)
+    if check.name == AGREEMENT and target.name != REFERENCE_PLACEMENT and (repair is None or not repair.placement):
+        result, gap_notes = against_reference_placement(builder, check, result)
+        notes += gap_notes
     return built, result, repair, tuple(notes)
+
+
+def against_reference_placement(builder, check, result):
+    """(result with the reference placement's agreement, notes): where the agreement is below REFERENCE_BELOW,
+    the same statistics placed as Q-YOLO places them are checked on the same images; agreeing REFERENCE_GAP
+    less than that is said. A rule of the target that did not fit this model (an int8 region, a merged
+    scale) shows there, where the agreement's level alone varies with the detector."""
+    value = check.value(result)
+    if value is None or value >= REFERENCE_BELOW:
+        return result, ()
+    reference = check.value(check.measure(builder({}, REFERENCE_PLACEMENT).model))
+    if reference is None:
+        return result, ()
+    result = replace(result, reference={"placement": REFERENCE_PLACEMENT, "map50_95": round(reference, 2)})
+    if reference - value < REFERENCE_GAP:
+        return result, ()
+    return result, (f"agreement {value:.1f} is {reference - value:.1f} below {REFERENCE_PLACEMENT}'s placement of the "
+                    f"same statistics ({reference:.1f}): this target's int8 regions cost this model accuracy beyond "
+                    f"what quantizing its convs costs; --target {REFERENCE_PLACEMENT} keeps it (conv inputs alone "
+                    f"quantized; onnxruntime then runs the convs in float)",)
 
 
 def _slower_than_float(result) -> tuple:
@@ -338,7 +362,7 @@ def _slower_than_float(result) -> tuple:
 
 def _check(model, prepared, target, config, pp, paths, notes):
     """The repair.Check this run's model must pass, on the runtime the target is for."""
-    from .repair import AGREEMENT, Check
+    from .repair import Check
     from .verify import labelled_reference, measure_agreement, measure_on_labels
 
     runtime = _check_runtime(target, notes)

@@ -122,7 +122,7 @@ def stamp_metadata(model, report: QuantReport):
     if report.agreement is not None:
         a = report.agreement
         meta["onnxq.agreement"] = json.dumps({"map50_95": a.map50_95, "map50": a.map50, "images": a.images,
-                                              "runtime": a.runtime,
+                                              "runtime": a.runtime, "reference": a.reference,
                                               "min_output_sqnr_db": a.to_json()["min_output_sqnr_db"]})
     if report.labelled is not None:
         meta["onnxq.val_check"] = json.dumps(report.labelled.to_json())

@@ -33,13 +33,16 @@ class Agreement:
     # the float model's median time per batch over the quantized model's, both on onnxruntime here (None where
     # the quantized model runs on another runtime, or too few batches ran to time)
     speedup: float | None = None
+    # the agreement of REFERENCE_PLACEMENT's model from the same statistics, where it was measured:
+    # {"placement", "map50_95"}
+    reference: dict | None = None
 
     def to_json(self) -> dict:
         return {"images": self.images, "runtime": self.runtime, "map50_95": self.map50_95, "map50": self.map50,
                 "reference_boxes": self.reference_boxes,
                 "output_sqnr_db": {k: _finite(v) for k, v in self.output_sqnr_db.items()},
                 "min_output_sqnr_db": _finite(min(self.output_sqnr_db.values(), default=float("nan"))),
-                "note": self.note, "speedup": self.speedup}
+                "note": self.note, "speedup": self.speedup, "reference": self.reference}
 
     def describe(self) -> str:
         sqnr = min(self.output_sqnr_db.values()) if self.output_sqnr_db else float("nan")
@@ -47,7 +50,9 @@ class Agreement:
                 if self.map50_95 is not None else "agreement with the float model: no mAP")
         tail = f" ({self.note})" if self.note else ""
         speed = f"; {self.speedup:.2f}x the float model's speed" if self.speedup is not None else ""
-        return f"{head}; worst output SQNR {sqnr:.1f} dB{speed}; {self.images} images, {self.runtime}{tail}"
+        ref = (f"; {self.reference['placement']}'s placement {self.reference['map50_95']:.1f}"
+               if self.reference else "")
+        return f"{head}{ref}; worst output SQNR {sqnr:.1f} dB{speed}; {self.images} images, {self.runtime}{tail}"
 
 
 def _finite(v):

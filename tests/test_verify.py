@@ -216,3 +216,23 @@ def test_verification_times_both_models_and_says_when_the_quantized_one_is_slowe
     assert "0.74x the float model's speed" in _slower_than_float(slower)[0]
     assert _slower_than_float(Agreement(32, "ort", 90.0, 95.0, 100, {}, speedup=1.3)) == ()
     assert _slower_than_float(Agreement(32, "openvino", 90.0, 95.0, 100, {})) == ()
+
+
+def test_a_target_agreeing_far_less_than_qyolos_placement_says_so():
+    """YOLOX's ort placement (int8 SiLU, merged scales, quantized conv outputs) agrees with the float model
+    well above the repair threshold yet loses more than qyolo's placement of the same statistics: the run
+    measures that placement on the same images and says so where the gap reaches REFERENCE_GAP."""
+    from onnxq.choices import REFERENCE_BELOW, REFERENCE_GAP
+
+    q, report = quantize_with_report(MODELS_DIR / "yolox_nano_416.onnx", CALIB_DIR / "images", num_images=16,
+                                     bias_correction=0)
+    a = report.agreement
+    assert a.map50_95 < REFERENCE_BELOW and a.reference["placement"] == "qyolo"
+    gap = a.reference["map50_95"] - a.map50_95
+    said = [n for n in report.notes if "below qyolo's placement" in n]
+    assert gap > 0 and bool(said) == (gap >= REFERENCE_GAP)
+    meta = json.loads({p.key: p.value for p in q.metadata_props}["onnxq.agreement"])
+    assert meta["reference"] == a.reference and "qyolo's placement" in a.describe()
+    _, as_qyolo = quantize_with_report(MODELS_DIR / "yolox_nano_416.onnx", CALIB_DIR / "images", num_images=16,
+                                       bias_correction=0, target="qyolo")
+    assert as_qyolo.agreement.reference is None  # the reference itself: nothing to compare with
