@@ -131,3 +131,14 @@ def test_yolox_focus_stem_is_rewritten_and_its_outputs_agree():
     batch = next(iter_batches(list_images(CALIB_DIR / "images")[:1], prepared.inputs.hw, pp)).images
     for a, b in zip(_run(load_model(MODELS_DIR / name), batch), _run(prepared.model, batch)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-3)
+
+
+def test_statistics_from_calibrate_serve_a_target_that_takes_fewer_rewrites(tmp_path):
+    """`onnxq calibrate` prepares with every rewrite; the openvino target leaves the DFL as exported. The
+    tensors its plan calibrates are outside the rewritten region, so the saved statistics serve it."""
+    from onnxq.api import collect_stats, quantize_with_report
+
+    model = MODELS_DIR / "yolov8n_from-int8_640.onnx"
+    stats, _ = collect_stats(model, CALIB_DIR / "images", num_images=2)
+    q, _ = quantize_with_report(model, stats=stats, target="openvino", verify=False, bias_correction=0)
+    assert [a.i for n in q.graph.node if n.op_type == "Softmax" for a in n.attribute if a.name == "axis"] == [1]
