@@ -142,3 +142,11 @@ def test_statistics_from_calibrate_serve_a_target_that_takes_fewer_rewrites(tmp_
     stats, _ = collect_stats(model, CALIB_DIR / "images", num_images=2)
     q, _ = quantize_with_report(model, stats=stats, target="openvino", verify=False, bias_correction=0)
     assert [a.i for n in q.graph.node if n.op_type == "Softmax" for a in n.attribute if a.name == "axis"] == [1]
+
+
+def test_inspect_shows_the_graph_each_target_quantizes():
+    from onnxq.commands.inspect import describe
+
+    model = MODELS_DIR / "yolov8n_from-int8_640.onnx"
+    assert describe(model, target="ort")["decode_tail"]["decode_compute_ops"] == ["/model.22/dfl/conv/Conv_MatMul"]
+    assert describe(model, target="openvino")["decode_tail"]["decode_compute_ops"] == ["/model.22/dfl/conv/Conv"]

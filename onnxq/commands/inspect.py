@@ -71,10 +71,12 @@ def describe(model_path, target="ort", imgsz=None, input_values=None, keep_first
     from ..preprocess import as_preprocess
     from ..ranges import weight_bits
 
-    prepared = prepare_model(model_path, imgsz=imgsz, input_values=input_values)
+    tgt = get_target(target)
+    # the graph as quantize prepares it for this target (its layout rewrites)
+    prepared = prepare_model(model_path, imgsz=imgsz, input_values=input_values,
+                             layout_rewrites=tgt.layout_rewrites)
     src = prepared.source
     pp, pp_source = resolve_preprocess(prepared, as_preprocess(preprocess), preprocess_source, images=images)
-    tgt = get_target(target)
     plan = plan_quantization(prepared.graph, tgt, keep_first=keep_first, keep_head=keep_head, exclude=exclude)
     overflow_fix = tgt.overflow_fix if overflow_fix is None else overflow_fix
     family = detect_family_or_none(prepared.model, prepared.inputs.hw)
