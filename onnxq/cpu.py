@@ -1,4 +1,4 @@
-"""What this CPU's int8 dot product can do: where --overflow-fix matters."""
+"""What this CPU's int8 dot product can do: where --overflow-fix matters, and what bench and build name."""
 
 import functools
 import platform
@@ -22,39 +22,41 @@ def saturates(machine: str, cpuinfo: str | None) -> bool | None:
         return False  # Arm's int8 dot products (SDOT, SMMLA) widen to 32 bits
     if machine not in _X86 or cpuinfo is None:
         return None
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    flags = _field(cpuinfo, "flags")
     if flags is None:
         return None
-    return not any(f in flags for f in _EXACT_INT8_DOT)
+    return not any(f in flags.split() for f in _EXACT_INT8_DOT)
+
+
+def _field(cpuinfo: str | None, key: str) -> str | None:
+    """The first `key: value` line's value in /proc/cpuinfo's text."""
+    return next((ln.split(":", 1)[1].strip() for ln in (cpuinfo or "").splitlines() if ln.startswith(key)), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> str | None:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None  # not Linux: no flags to read here
 
 
 @functools.lru_cache(maxsize=None)
 def int8_dot_saturates() -> bool | None:
     """saturates() for this machine."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = None  # not Linux: no flags to read here
-    return saturates(platform.machine(), cpuinfo)
+    return saturates(platform.machine(), _cpuinfo())
 
 
 def describe_cpu(cpuinfo: str | None, machine: str) -> dict:
     """{"name", "int8"}: the CPU's model name and its exact int8 dot-product extensions (VNNI, AMX): the
     int8 kernels a CPU runtime picks, and so its speed, depend on them (bench/latency.py)."""
-    lines = (cpuinfo or "").splitlines()
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), machine)
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    return {"name": name, "int8": [f for f in _EXACT_INT8_DOT if f in flags]}
+    flags = (_field(cpuinfo, "flags") or "").split()
+    return {"name": _field(cpuinfo, "model name") or machine, "int8": [f for f in _EXACT_INT8_DOT if f in flags]}
 
 
-@functools.lru_cache(maxsize=None)
 def this_cpu() -> dict:
     """describe_cpu() for this machine."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = None
-    return describe_cpu(cpuinfo, platform.processor() or platform.machine())
+    return describe_cpu(_cpuinfo(), platform.processor() or platform.machine())
 
 
 def cpu_line() -> str:

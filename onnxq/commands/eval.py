@@ -65,9 +65,9 @@ def run(args):
         load_model(args.reference)  # a broken reference is a one-line error before the long run, not after
     preprocessing = PREPROCESS.parse(args)
     pp, pp_source = preprocessing["preprocess"], preprocessing["preprocess_source"]
-    data = args.data[0] if len(args.data) == 1 else args.data
     if args.ann and len(args.data) > 1:
         raise UsageError("--ann applies to one --data folder (each folder's instances.json is read)")
+    data = args.data[0] if len(args.data) == 1 else args.data
     r = evaluate_model(args.model, data, ann=args.ann, runtime=args.runtime, pp=pp, family=args.family,
                        imgsz=preprocessing["imgsz"], **MODEL_INPUT.parse(args),
                        num_images=positive("--num-images", args.num_images),
