@@ -327,20 +327,21 @@ def verify_and_repair(model, prepared, target, config, builder, built, paths, pp
 
         built, result, repair = repair_model(builder, built, result, check, prepared, paths, pp, config.max_float)
     if check.name == AGREEMENT and target.name != REFERENCE_PLACEMENT and (repair is None or not repair.placement):
-        result, gap_notes = against_reference_placement(builder, check, result)
+        result, gap_notes = against_reference_placement(builder, check, result, repair.safest if repair else None)
         notes += gap_notes
     return built, result, repair, tuple(notes)
 
 
-def against_reference_placement(builder, check, result):
+def against_reference_placement(builder, check, result, measured=None):
     """(result with the reference placement's agreement, notes): where the agreement is below REFERENCE_BELOW,
-    the same statistics placed as Q-YOLO places them are checked on the same images; agreeing REFERENCE_GAP
-    less than that is said. A rule of the target that did not fit this model (an int8 region, a merged
-    scale) shows there, where the agreement's level alone varies with the detector."""
+    the same statistics placed as Q-YOLO places them are checked on the same images (`measured`: that
+    figure, where a repair has measured it already); agreeing REFERENCE_GAP less than that is said. A rule
+    of the target that did not fit this model (an int8 region, a merged scale) shows there, where the
+    agreement's level alone varies with the detector."""
     value = check.value(result)
     if value is None or value >= REFERENCE_BELOW:
         return result, ()
-    reference = check.value(check.measure(builder({}, REFERENCE_PLACEMENT).model))
+    reference = measured if measured is not None else check.value(check.measure(builder({}, REFERENCE_PLACEMENT).model))
     if reference is None:
         return result, ()
     result = replace(result, reference={"placement": REFERENCE_PLACEMENT, "map50_95": round(reference, 2)})

@@ -10,6 +10,8 @@ safest one.
 
 from dataclasses import dataclass
 
+from .choices import REFERENCE_PLACEMENT
+
 SENSITIVITY_IMAGES = 4
 AGREEMENT = "agreement with the float model"  # the default check's name (verify.measure_agreement)
 
@@ -44,6 +46,9 @@ class Repair:
     threshold: float
     placement: str | None = None  # the placement the model moved to, where it moved
     measure: str = AGREEMENT
+    # the check's figure for SAFEST_PLACEMENT's model, where the repair built and measured it (the reference
+    # check reuses it instead of building that model again)
+    safest: float | None = None
 
     def to_json(self) -> dict:
         out = {"before": self.before, "after": self.after, "kept_float": list(self.kept_float), "met": self.met,
@@ -101,8 +106,9 @@ def _upstream_sqnr(tensor, acc, depth=8) -> float:
     return min(min(found), CLEAN_DB) if found else CLEAN_DB
 
 
-# Q-YOLO's placement (Q/DQ on conv inputs only) is the most accurate one every QDQ runtime runs.
-SAFEST_PLACEMENT = "qyolo"
+# Q-YOLO's placement (Q/DQ on conv inputs only) is the most accurate one every QDQ runtime runs: the one the
+# reference check compares with too.
+SAFEST_PLACEMENT = REFERENCE_PLACEMENT
 
 
 def repair_model(build, first, result, check: Check, prepared, paths, pp, max_float):
@@ -110,10 +116,11 @@ def repair_model(build, first, result, check: Check, prepared, paths, pp, max_fl
     first the safest placement, where the target's own is another, then the worst layers kept float a few
     at a time, at most `max_float` of the quantized convs (a share, or a count if >= 1).
     build(extra_float, placed_as) -> pipeline.Built; `first` is the run's own Built, `result` its check."""
-    best, best_result, placed_as = first, result, None
+    best, best_result, placed_as, safest = first, result, None, None
     if first.spec.plan.target != SAFEST_PLACEMENT:
         candidate = build({}, SAFEST_PLACEMENT)
         candidate_result = check.measure(candidate.model)
+        safest = check.value(candidate_result)
         if check.better(candidate_result, best_result):
             best, best_result, placed_as = candidate, candidate_result, SAFEST_PLACEMENT
     cap = int(max_float) if max_float >= 1 else max(1, int(max_float * len(first.spec.weights)))
@@ -131,5 +138,5 @@ def repair_model(build, first, result, check: Check, prepared, paths, pp, max_fl
     repaired = tuple(n for n in kept if n in best.spec.float_nodes and n not in first.spec.float_nodes)
     moved = SAFEST_PLACEMENT if placed_as and best is not first else None
     repair = Repair(check.value(result), check.value(best_result), repaired, check.passes(best_result),
-                    check.threshold, moved, check.name)
+                    check.threshold, moved, check.name, safest)
     return best, best_result, repair
