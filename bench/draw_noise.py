@@ -17,6 +17,7 @@ check orders draws as the labels do.
 """
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -55,7 +56,10 @@ def main():
     from onnxq.evaluate.pipeline import evaluate_model
     from onnxq.model import save_model
 
-    w_bits, a_bits = (int(x) for x in args.bits.upper().lstrip("W").split("A"))
+    bits = re.fullmatch(r"W(\d)A(\d)", args.bits.upper())
+    if not bits:
+        ap.error(f"--bits {args.bits!r}: give WxAy, e.g. W6A6")
+    w_bits, a_bits = (int(b) for b in bits.groups())
     val = C.val_dirs(list(C.VAL_SETS))
     own = dict(ranges.RANGE_METHODS)
     tmp = Path(tempfile.mkdtemp(prefix="onnxq-draws-"))
