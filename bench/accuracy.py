@@ -59,7 +59,7 @@ def _peer_ort(model, out, method, pp, n, conv_only=False):
     class Reader(CalibrationDataReader):
         def get_next(self):
             x = next(batches, None)
-            return None if x is None else {prepared.inputs.image: x}
+            return None if x is None else prepared.inputs.feed(x)
 
     quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     op_types_to_quantize=["Conv"] if conv_only else None,
@@ -78,7 +78,7 @@ def _peer_nncf(model, out, pp, n):
     prepared = prepare_model(model)
     images = [b.images for b in iter_batches(list_images(C.CALIB / "images", n), prepared.inputs.hw, pp)]
     with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars would land in the printed table
-        q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(images, lambda x: {prepared.inputs.image: x}),
+        q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(images, lambda x: prepared.inputs.feed(x)),
                           subset_size=len(images))
     onnx.save(q, str(out))
 

@@ -64,7 +64,7 @@ def run_one(kind, model, n):
         prepared, batches = _prepared_batches(model, paths)
         sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         for x in batches:
-            sess.run(None, {prepared.inputs.image: x})
+            sess.run(None, prepared.inputs.feed(x))
     elif kind == "floor-2runs":
         from onnxq.calibrate import make_session, run_concurrently
 
@@ -75,7 +75,7 @@ def run_one(kind, model, n):
         source = onnx.load(str(model))  # the file the floor runs, not onnxq's prepared copy
         sess = make_session(source, threads=1)
         outputs = [o.name for o in source.graph.output]
-        for _, done in run_concurrently(lambda x: sess.run(outputs, {prepared.inputs.image: x}), batches, 2):
+        for _, done in run_concurrently(lambda x: sess.run(outputs, prepared.inputs.feed(x)), batches, 2):
             done.result()
     elif kind.startswith("onnxq"):
         from onnxq.api import quantize_with_report
@@ -100,8 +100,6 @@ def run_one(kind, model, n):
 
         prepared = prepare_model(model)
         pp, _ = resolve_preprocess(prepared, None)
-        name = prepared.inputs.image
-
         class Reader(CalibrationDataReader):
             """Streams the images; onnxruntime's strided calibration reads it range by range."""
 
@@ -117,7 +115,7 @@ def run_one(kind, model, n):
 
             def get_next(self):
                 x = next(self.batches, None)
-                return None if x is None else {name: x}
+                return None if x is None else prepared.inputs.feed(x)
 
         method = {"ort-minmax": CalibrationMethod.MinMax, "ort-percentile": CalibrationMethod.Percentile,
                   "ort-entropy": CalibrationMethod.Entropy}[kind]
@@ -131,7 +129,7 @@ def run_one(kind, model, n):
 
         prepared, batches = _prepared_batches(model, paths)
         images = list(batches)  # nncf.Dataset needs an iterable it can re-read
-        q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(images, lambda x: {prepared.inputs.image: x}),
+        q = nncf.quantize(onnx.load(str(model)), nncf.Dataset(images, lambda x: prepared.inputs.feed(x)),
                           subset_size=len(images))
     else:
         raise SystemExit(f"unknown kind {kind}")

@@ -54,7 +54,7 @@ def _hessians(prepared, pp, convs, n_images, max_rows):
             for name, _, w, attrs in convs}
     paths = list_images(C.CALIB / "images", n_images)
     for batch in iter_batches(paths, prepared.inputs.hw, pp, batch_size=1):
-        feed = {prepared.inputs.image: batch.images, **prepared.inputs.extras}
+        feed = prepared.inputs.feed(batch.images)
         values = dict(zip(tensors, sess.run(tensors, feed)))
         for name, tensor, _, _ in convs:
             accs[name].add(values[tensor])

@@ -117,10 +117,7 @@ def make_session(model: onnx.ModelProto, threads=None):
 
 
 def _feed(inputs, batch):
-    feed = {inputs.image: batch}
-    for name, value in inputs.extras.items():
-        feed[name] = value
-    return feed
+    return inputs.feed(batch)
 
 
 def split_threads(threads: int) -> tuple:

@@ -62,9 +62,10 @@ class _Accumulator:
         return self.dot / np.sqrt(self.sig * self.nb)
 
 
-def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches, image_input, extras=None,
-                   keep_values_for=(), tick=None):
-    """Errors per quantized tensor and per output over `batches` (arrays N,3,H,W); tick(n) after each.
+def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches, inputs, keep_values_for=(),
+                   tick=None):
+    """Errors per quantized tensor and per output over `batches` (arrays N,3,H,W) fed as `inputs`
+    (model.ModelInputs) says; tick(n) after each.
 
     Returns (list[TensorError] sorted worst first, {tensor: float values of the first batch} for plotting).
     A SiLU input whose SiLU output is compared too is of kind "silu input", after the activations.
@@ -87,7 +88,7 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
     local = {t: _Accumulator() for t in compared}
     kept = {}
     for batch in batches:
-        feed = {image_input: batch, **(extras or {})}
+        feed = inputs.feed(batch)
         f_vals = dict(zip(compared + outputs, f_sess.run(compared + outputs, feed)))
         q_vals = dict(zip(q_fetch + outputs, q_sess.run(q_fetch + outputs, feed)))
         for t in compared:

@@ -31,6 +31,13 @@ class ModelInputs:
     dynamic_batch: bool
     extras: dict = field(default_factory=dict)  # name -> constant array fed beside the image
     notes: list = field(default_factory=list)  # things the user should be told (defaults chosen)
+    channels_last: bool = False  # the image input is N,H,W,3 (TensorFlow and Keras exports)
+
+    def feed(self, images) -> dict:
+        """The model's inputs for a batch of images (N,3,H,W, as preprocessing makes them), in its layout."""
+        if self.channels_last:
+            images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+        return {self.image: images, **self.extras}
 
     def batch_size(self, requested=None) -> int:
         """Images per run: `requested` (default 8) where the batch is dynamic, else one at a time."""
@@ -156,27 +163,28 @@ def find_inputs(model, imgsz=None, input_values=None, path="model", default_imgs
     images = []
     for vi in inputs:
         elem = vi.type.tensor_type.elem_type
-        dims = _dims(vi)
-        if elem == onnx.TensorProto.FLOAT and dims is not None and len(dims) == 4 and dims[1] == 3:
+        if elem == onnx.TensorProto.FLOAT and channels_last(_dims(vi)) is not None:
             images.append(vi)
+    images.sort(key=lambda vi: channels_last(_dims(vi)))  # N,3,H,W first where both kinds are inputs
     if not images:
-        int_images = [vi.name for vi in inputs if (_dims(vi) or [None, None])[1:2] == [3] and len(_dims(vi)) == 4]
+        int_images = [vi.name for vi in inputs if channels_last(_dims(vi)) is not None]
         if int_images:
             elem = next(vi for vi in inputs if vi.name == int_images[0]).type.tensor_type.elem_type
             kind = onnx.TensorProto.DataType.Name(elem)
             fix = ("quantize its float32 export" if elem in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
                    else "export without the uint8 pre-processing")
-            raise OnnxqError(f"{path}: image input {int_images[0]} is {kind}; onnxq needs a float32 N,3,H,W input "
-                             f"({fix})")
+            raise OnnxqError(f"{path}: image input {int_images[0]} is {kind}; onnxq needs a float32 N,3,H,W "
+                             f"or N,H,W,3 input ({fix})")
         described = ", ".join(f"{vi.name}{_dims(vi)}:{onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)}" for vi in inputs)
-        raise OnnxqError(f"{path}: no image-like input (float N,3,H,W); inputs are {described}")
+        raise OnnxqError(f"{path}: no image-like input (float N,3,H,W or N,H,W,3); inputs are {described}")
     image = images[0]
     dims = _dims(image)
-    h, w = dims[2], dims[3]
-    notes = []
+    last = channels_last(dims)
+    h, w = dims[1:3] if last else dims[2:4]
+    notes = [f"input {image.name} is channels-last (N,H,W,3): images are fed so"] if last else []
     if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
         if imgsz is None and default_imgsz is None:
-            raise UsageError(f"{path}: input {image.name} has dynamic height/width {dims[2:]}; pass --imgsz H[,W]")
+            raise UsageError(f"{path}: input {image.name} has dynamic height/width {[h, w]}; pass --imgsz H[,W]")
         h, w = imgsz if imgsz is not None else default_imgsz
     elif imgsz is not None and tuple(imgsz) != (h, w):
         raise UsageError(f"{path}: --imgsz {imgsz[0]},{imgsz[1]} differs from the model's fixed input {h}x{w}")
@@ -205,7 +213,18 @@ def find_inputs(model, imgsz=None, input_values=None, path="model", default_imgs
         notes.append(f"several image-like inputs; calibrating through {image.name}")
     if input_values:
         raise UsageError(f"--input {', '.join(input_values)}: no such model input")
-    return ModelInputs(image=image.name, hw=(int(h), int(w)), dynamic_batch=dynamic_batch, extras=extras, notes=notes)
+    return ModelInputs(image=image.name, hw=(int(h), int(w)), dynamic_batch=dynamic_batch, extras=extras, notes=notes,
+                       channels_last=last)
+
+
+def channels_last(dims) -> bool | None:
+    """For an input's dims: False for an image N,3,H,W, True for N,H,W,3 (3 channels last, not first), None
+    for neither."""
+    if dims is None or len(dims) != 4:
+        return None
+    if dims[1] == 3:
+        return False
+    return True if dims[3] == 3 else None
 
 
 def save_model(model: onnx.ModelProto, path):

@@ -73,7 +73,7 @@ def ranked_layers(prepared, quant_model, spec, paths, pp) -> list:
 
     quantized = set(spec.weights)
     batches = (b.images for b in iter_batches(paths[:SENSITIVITY_IMAGES], prepared.inputs.hw, pp))
-    rows, _ = compare_models(prepared.model, quant_model, batches, prepared.inputs.image, prepared.inputs.extras)
+    rows, _ = compare_models(prepared.model, quant_model, batches, prepared.inputs)
     acc = {r.tensor: r.sqnr_db for r in rows if r.kind != "output"}
     tensors = prepared.graph.tensors()
     added = {t: _upstream_sqnr(tensors[t], acc) - acc[t] for t in acc if t in tensors}

@@ -21,12 +21,12 @@ def collect_hessians(prepared, node_names, paths, pp, batch_size=None, threads=N
              and getattr(n.inputs[1], "values", None) is not None and n.inputs[1].values.ndim == 4]
     if not convs:
         return {}
-    image, graph_inputs = prepared.inputs.image, {t.name for t in prepared.graph.inputs}
+    graph_inputs = {t.name for t in prepared.graph.inputs}
     exposed = sorted({n.inputs[0].name for n in convs} - graph_inputs)
     session = make_session(model_with_outputs(prepared.model, exposed), threads) if exposed else None
     accumulators = {n.name: HessianAccumulator.from_attrs(n.attrs, n.inputs[1].values.shape) for n in convs}
     for batch in iter_batches(paths, prepared.inputs.hw, pp, batch_size=prepared.inputs.batch_size(batch_size)):
-        feed = {image: batch.images, **prepared.inputs.extras}
+        feed = prepared.inputs.feed(batch.images)
         values = dict(feed)
         if session is not None:
             values.update(zip(exposed, session.run(exposed, feed)))

@@ -546,3 +546,51 @@ def test_a_silu_input_takes_its_range_from_the_output_grid_only_while_there_is_o
                   and pairs[c.tensor] not in quantized]
     assert float_read and all(c.clip[1] == pytest.approx(c.observed[1], rel=1e-3) for c in float_read)
     assert all(by_name.get(pairs[c.tensor]) is None for c in float_read)
+
+
+def _channels_last_twin(src, dst):
+    """`src` with an N,H,W,3 image input transposed to its N,3,H,W one, as TensorFlow and Keras exports read."""
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(src))
+    old = m.graph.input[0]
+    n, c, h, w = (d.dim_value for d in old.type.tensor_type.shape.dim)
+    m.graph.node.insert(0, helper.make_node("Transpose", ["image_nhwc"], [old.name], perm=[0, 3, 1, 2]))
+    m.graph.input.remove(old)
+    m.graph.input.insert(0, helper.make_tensor_value_info("image_nhwc", TensorProto.FLOAT, [n, h, w, c]))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_a_channels_last_input_is_found_and_fed_in_its_layout():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 320, 256, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 320, 256, 3])])
+    inputs = find_inputs(helper.make_model(graph))
+    assert inputs.channels_last and inputs.hw == (320, 256) and "channels-last" in inputs.notes[0]
+    images = np.arange(2 * 3 * 320 * 256, dtype=np.float32).reshape(2, 3, 320, 256)
+    fed = inputs.feed(images)["x"]
+    assert fed.shape == (2, 320, 256, 3) and fed.flags.c_contiguous
+    np.testing.assert_array_equal(fed[1, 7, 5], images[1, :, 7, 5])
+
+
+def test_a_channels_last_model_quantizes_and_scores_as_its_channels_first_twin(tmp_path):
+    src = MODELS_DIR / "yolo-fastestv2_352.onnx"
+    twin = _channels_last_twin(src, tmp_path / "nhwc.onnx")
+    options = dict(num_images=CALIB_IMAGES, bias_correction=CALIB_IMAGES, verify=False)
+    first, _ = quantize_with_report(src, CALIB_DIR / "images", **options)
+    last, report = quantize_with_report(twin, CALIB_DIR / "images", **options)
+    assert [d.dim_value for d in last.graph.input[0].type.tensor_type.shape.dim] == [1, 352, 352, 3]
+
+    def grids(model):  # every scale and zero point the quantization chose, by value
+        return sorted(onnx.numpy_helper.to_array(i).tobytes() for i in model.graph.initializer
+                      if i.name.endswith(("_scale", "_zero_point")))
+
+    assert len(grids(first)) > 20 and grids(last) == grids(first)
+    from onnxq.evaluate.pipeline import evaluate_model
+
+    scores = [evaluate_model(save_model(m, tmp_path / f"{name}.onnx"), VAL_DIR, num_images=8, progress=False)
+              for name, m in (("first", first), ("last", last))]
+    assert scores[0]["protocols"] == scores[1]["protocols"] and scores[0]["map50_95"] > 5

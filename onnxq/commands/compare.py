@@ -64,8 +64,7 @@ def run(args):
     paths = list_images(args.calib, num_images=args.num_images)
     batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=1))
     with tqdm(total=len(paths), desc="comparing", unit="img", disable=args.no_progress, leave=False) as bar:
-        rows, _ = compare_models(prepared.model, quant, batches, prepared.inputs.image, prepared.inputs.extras,
-                                 tick=bar.update)
+        rows, _ = compare_models(prepared.model, quant, batches, prepared.inputs, tick=bar.update)
     acts = [r for r in rows if r.kind == "activation"]
     silu_inputs = [r for r in rows if r.kind == "silu input"]
     if not acts:
@@ -84,8 +83,7 @@ def run(args):
     if args.plots:
         worst = [r.tensor for r in acts[: min(args.top, 8)]]
         batches = (b.images for b in iter_batches(paths[:1], prepared.inputs.hw, pp, batch_size=1))
-        _, values = compare_models(prepared.model, quant, batches, prepared.inputs.image, prepared.inputs.extras,
-                                   keep_values_for=worst)
+        _, values = compare_models(prepared.model, quant, batches, prepared.inputs, keep_values_for=worst)
         bits = {r.tensor: r for r in acts}
         for i, t in enumerate(worst):
             r = bits[t]

@@ -27,7 +27,7 @@ def detect_batch(runner, family, inputs, batch, conf=CONF_THRESHOLD, ious=None, 
                  protocols=tuple(PROTOCOLS), skip_inputs=()) -> dict:
     """{protocol: [(boxes_xyxy, scores, classes) per image, in original-image pixels]} from one run of the
     model over a prepared Batch. ious: {protocol: IoU} over each protocol's own."""
-    outputs = runner({inputs.image: batch.images, **inputs.extras, **image_inputs(inputs, batch, skip_inputs)})
+    outputs = runner({**inputs.feed(batch.images), **image_inputs(inputs, batch, skip_inputs)})
     decoded = decode_protocols(family, outputs, inputs.hw, conf, len(batch.paths), protocols)
     results = {}
     for name, per_image in decoded.items():

@@ -151,12 +151,15 @@ def _known(s):
 def _with_inferred_shapes(model, hw):
     """Output shapes by ONNX shape inference with the image fixed to hw (for models exported with
     symbolic output dims). Works on a copy; a failure just leaves the shapes unknown."""
+    from ..model import channels_last
+
     m = copy.deepcopy(model)
     init = {i.name for i in m.graph.initializer}
     for vi in m.graph.input:
         dims = vi.type.tensor_type.shape.dim
-        if vi.name not in init and len(dims) == 4:
-            for d, v in zip(dims, (1, 3, hw[0], hw[1])):
+        last = channels_last([d.dim_value if d.HasField("dim_value") else None for d in dims])
+        if vi.name not in init and last is not None:
+            for d, v in zip(dims, (1, hw[0], hw[1], 3) if last else (1, 3, hw[0], hw[1])):
                 d.Clear()
                 d.dim_value = v
     del m.graph.output[:]
