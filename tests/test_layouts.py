@@ -322,6 +322,41 @@ def _yolov8_num_dets(typed: bool):
     return m
 
 
+def _yolov8_boxes_scores(corners: bool):
+    """yolov8n's candidates before NMS as two outputs: corners [1, 8400, 4] in pixels and probabilities
+    [1, 80, 8400] (PP-YOLOE's order), or centre and size normalised to [0, 1] and logits [1, 8400, 80]."""
+    m = onnx.load(str(YOLOV8))
+    g = m.graph
+    nodes = _yolov8_head(g)[:9]  # up to boxes and scores, before the NMS
+    g.initializer.extend([helper.make_tensor("size", TensorProto.FLOAT, [], [640.0]),
+                          helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    if corners:
+        outputs = [("boxes", [1, 8400, 4]), ("scores", [1, 80, 8400])]
+    else:
+        nodes += [helper.make_node("Concat", ["xy", "wh"], ["xywh"], axis=2),
+                  helper.make_node("Div", ["xywh", "size"], ["boxes_01"]),
+                  helper.make_node("Sub", ["one", "cls"], ["not_cls"]),
+                  helper.make_node("Div", ["cls", "not_cls"], ["odds"]),
+                  helper.make_node("Log", ["odds"], ["logits"])]
+        outputs = [("logits", [1, 8400, 80]), ("boxes_01", [1, 8400, 4])]
+    g.node.extend(nodes)
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs])
+    onnx.checker.check_model(m)
+    return m
+
+
+@pytest.mark.parametrize("corners", [True, False])
+def test_boxes_and_scores_before_nms_are_read_in_either_form(tmp_path, corners):
+    path = tmp_path / "split.onnx"
+    onnx.save(_yolov8_boxes_scores(corners), str(path))
+    fam = detect_family(load_model(path, check=False), (640, 640))
+    assert (fam.name, fam.outputs, fam.num_classes) == ("boxes-scores", (0, 1) if corners else (1, 0), 80)
+    found, ref = detect(path), detect(YOLOV8)
+    for protocol in PROTOCOLS:
+        _same_confident(found[protocol], ref[protocol])
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("layouts")

@@ -15,6 +15,10 @@ from .families import END2END, INDICES, NUM_DETS, PADDLE, ROWS7
 from .nms import CONF_THRESHOLD, PROTOCOLS
 
 EXP_CLIP = 20.0  # exp() argument cap for log-size regressions (a wild value must not overflow)
+# boxes-scores layouts: corners if this share of all N boxes has x2 >= x1 and y2 >= y1 (a few degenerate rows
+# aside); normalised coordinates if none lies beyond this
+CORNER_SHARE = 0.99
+NORMALISED_BOX_LIMIT = 1.5
 
 
 class DecodeError(OnnxqError):
@@ -233,6 +237,26 @@ def _decoded(family, outs, hw, conf):
     return _v5(family, [np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs])], hw, conf)
 
 
+def _boxes_scores(family, outs, hw, conf):
+    """boxes [N, 4] and class scores [N, C] or [C, N] of one image. Boxes are corners where (nearly) every
+    one of the N has x2 >= x1 and y2 >= y1 (centre and size fail that wherever the centre lies further from
+    the edge than the size), and in input pixels unless all of them lie within [0, 1.5] (normalised: scaled
+    by the input size); scores outside [0, 1] are logits."""
+    boxes, scores = (np.asarray(o, dtype=np.float64) for o in outs)
+    boxes = boxes.reshape(-1, 4)
+    if scores.shape[0] != len(boxes):
+        scores = scores.T
+    if scores.size and (scores.min() < 0 or scores.max() > 1):
+        scores = _sigmoid(scores)
+    if len(boxes) and np.abs(boxes).max() <= NORMALISED_BOX_LIMIT:
+        boxes = boxes * np.array([hw[1], hw[0], hw[1], hw[0]], dtype=np.float64)
+    ordered = (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+    corners = len(boxes) == 0 or ordered.mean() >= CORNER_SHARE
+    keep = scores.max(axis=1) > conf if scores.shape[1] else np.zeros(len(boxes), dtype=bool)
+    boxes = boxes[keep]
+    return (boxes if corners else xywh_to_xyxy(boxes)), scores[keep]
+
+
 def _paddle(family, outs, b, conf):
     rows, counts = outs  # [K, 6]: class, score, x1, y1, x2, y2 (original px), images' rows in turn; [B] counts
     rows = rows.reshape(-1, 6).astype(np.float64)
@@ -295,4 +319,5 @@ def _indices(family, outs, b, conf):
 
 _DECODERS = {"ultralytics-v5": _v5, "ultralytics-v8": _v8, "yolox": _yolox, "fastestdet": _fastestdet,
              "yolo-fastestv2": _fastestv2, "gfl": _nanodet, "darknet": _darknet, "darknet-decoded": _decoded,
+             "boxes-scores": _boxes_scores,
              END2END: _end2end, ROWS7: _rows7, INDICES: _indices, PADDLE: _paddle, NUM_DETS: _num_dets}

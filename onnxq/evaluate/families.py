@@ -91,6 +91,8 @@ FAMILIES = {
     "darknet-decoded": Family("darknet-decoded", "darknet", outputs=(), strides=(), preset_guess=True,
                               missing="no decoded [.., N, 5+C] outputs, one per stride, among the outputs"),
     "nms-in-graph": Family("nms-in-graph", "ultralytics", layout=END2END, preset_guess=True),
+    # boxes [B, N, 4] and class scores [B, N, C] or [B, C, N] before NMS (YOLO-NAS, DAMO-YOLO, PP-YOLOE exports)
+    "boxes-scores": Family("boxes-scores", "ultralytics", outputs=(0, 1), preset_guess=True),
 }
 
 
@@ -362,6 +364,22 @@ def _detect_decoded(outs, hw):
     return None
 
 
+def _detect_boxes_scores(outs):
+    """Two outputs before any NMS: boxes [B, N, 4] and class scores over the same N boxes, [B, N, C] or
+    [B, C, N]. The box form (corners or centre and size) and whether scores are logits are told by value
+    (decoders._boxes_scores): exporters differ and the shapes do not say."""
+    if len(outs) != 2 or not all(s is not None and len(s) == 3 and _known(s) for _, s in outs):
+        return None
+    boxes = [i for i, (_, s) in enumerate(outs) if s[2] == 4]
+    if len(boxes) != 1:
+        return None
+    n, scores = outs[boxes[0]][1][1], outs[1 - boxes[0]][1]
+    if (scores[1] == n) == (scores[2] == n):
+        return None
+    return replace(FAMILIES["boxes-scores"], outputs=(boxes[0], 1 - boxes[0]),
+                   num_classes=scores[2] if scores[1] == n else scores[1])
+
+
 def _detect_single(s, hw, meta):
     """One output tensor's shape -> Family or None."""
     if s is None:
@@ -417,6 +435,7 @@ def _detectors(model, outs, hw, meta, anchors):
         ("gfl", lambda: _detect_gfl(model, outs, hw)),
         ("darknet", lambda: _detect_darknet(model, outs, hw, meta, anchors)),
         ("darknet-decoded", lambda: _detect_decoded(outs, hw)),
+        ("boxes-scores", lambda: _detect_boxes_scores(outs)),
         ("single", single()),
     ], single
 
@@ -441,7 +460,7 @@ def _forced(model, hw, name, anchors):
     detectors, single = _detectors(model, outs, hw, meta, anchors)
     kind = FAMILIES[name].kind
     found = next((detect() for key, detect in detectors if key == kind), None)
-    if found is not None or kind in ("gfl", "darknet", "darknet-decoded"):
+    if found is not None or kind in ("gfl", "darknet", "darknet-decoded", "boxes-scores"):
         return found
     return single(name)()  # one-output layouts (END2END and ROWS7 among the nms-in-graph ones)
 
