@@ -31,7 +31,7 @@ from onnxq.evaluate.detect import detect_batch
 from onnxq.evaluate.pipeline import evaluate_model, resolve_preprocess
 from onnxq.images import Batch, iter_batches
 from onnxq.model import find_inputs, load_model
-from onnxq.preprocess import Preprocess, Transform
+from onnxq.preprocess import PRESETS, Preprocess, Transform
 
 PERSON, BUS = 0, 5
 IMAGE = 2006  # one bus and three people
@@ -353,6 +353,48 @@ def test_boxes_and_scores_before_nms_are_read_in_either_form(tmp_path, corners):
     fam = detect_family(load_model(path, check=False), (640, 640))
     assert (fam.name, fam.outputs, fam.num_classes) == ("boxes-scores", (0, 1) if corners else (1, 0), 80)
     found, ref = detect(path), detect(YOLOV8)
+    for protocol in PROTOCOLS:
+        _same_confident(found[protocol], ref[protocol])
+
+
+def _yolox_decoded():
+    """yolox_nano with its boxes decoded in the graph (centre = (offset + cell) * stride, size = exp * stride),
+    the [1, 3549, 85] rows YOLOv6 and YOLOX's decode_in_inference export."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(MODELS_DIR / "yolox_nano_416.onnx"))
+    g = m.graph
+    cells = [np.divmod(np.arange((416 // s) ** 2), 416 // s) + (np.full((416 // s) ** 2, s),) for s in (8, 16, 32)]
+    grid = np.stack([np.concatenate([x for _, x, _ in cells]), np.concatenate([y for y, _, _ in cells])], 1)
+    stride = np.concatenate([s for *_, s in cells])
+    g.initializer.extend([numpy_helper.from_array(grid[None].astype(np.float32), "grid"),
+                          numpy_helper.from_array(stride[None, :, None].astype(np.float32), "stride")]
+                         + [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
+                            (("c0", 0), ("c2", 2), ("c4", 4), ("c85", 85), ("ax2", 2))])
+    raw = g.output[0].name
+    g.node.extend([helper.make_node("Slice", [raw, "c0", "c2", "ax2"], ["dxy"]),
+                   helper.make_node("Slice", [raw, "c2", "c4", "ax2"], ["log_wh"]),
+                   helper.make_node("Slice", [raw, "c4", "c85", "ax2"], ["obj_cls"]),
+                   helper.make_node("Add", ["dxy", "grid"], ["cell_xy"]),
+                   helper.make_node("Mul", ["cell_xy", "stride"], ["xy"]),
+                   helper.make_node("Exp", ["log_wh"], ["exp_wh"]),
+                   helper.make_node("Mul", ["exp_wh", "stride"], ["wh"]),
+                   helper.make_node("Concat", ["xy", "wh", "obj_cls"], ["decoded"], axis=2)])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("decoded", TensorProto.FLOAT, [1, 3549, 85]))
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_decoded_rows_of_yolox_shape_decode_as_such_and_their_preprocessing_is_a_guess(tmp_path):
+    raw_path, path = MODELS_DIR / "yolox_nano_416.onnx", tmp_path / "decoded.onnx"
+    onnx.save(_yolox_decoded(), str(path))
+    raw_family = detect_family(load_model(raw_path, check=False), (416, 416))
+    fam = detect_family(load_model(path, check=False), (416, 416))
+    assert (raw_family.name, raw_family.preset_guess) == ("yolox", False)  # the official raw export tells it
+    assert (fam.name, fam.preset_guess) == ("yolox", True)
+    yolox = PRESETS["yolox"]
+    found, ref = detect(path, pp=yolox), detect(raw_path, pp=yolox)
     for protocol in PROTOCOLS:
         _same_confident(found[protocol], ref[protocol])
 

@@ -18,6 +18,9 @@ EXP_CLIP = 20.0  # exp() argument cap for log-size regressions (a wild value mus
 # boxes-scores layouts: corners if this share of all N boxes has x2 >= x1 and y2 >= y1 (a few degenerate rows
 # aside); normalised coordinates if none lies beyond this
 CORNER_SHARE = 0.99
+# a [N, 5+nc] output over one anchor per cell is decoded where the median box centre lies within this many
+# strides of its cell's centre (raw YOLOX offsets lie tens of strides from it)
+DECODED_CELL_DISTANCE = 4.0
 NORMALISED_BOX_LIMIT = 1.5
 
 
@@ -136,6 +139,14 @@ def _v8(family, outs, hw, conf):
     return xywh_to_xyxy(p[:, :4]), p[:, 4:]
 
 
+def decoded_rows(p, gx, gy, st) -> bool:
+    """Whether rows [N, 5+nc] over the cells (gx, gy, stride) hold decoded boxes (centre x, y in input pixels)
+    rather than raw offsets: decoded centres lie within a few strides of their cell's centre, raw offsets
+    (about -1 to 2) lie far from it in all but the top-left cells."""
+    off = np.hypot(p[:, 0] - (gx + 0.5) * st, p[:, 1] - (gy + 0.5) * st) / st
+    return bool(np.median(off) < DECODED_CELL_DISTANCE)
+
+
 def _level_grids(hw, strides, repeat=1):
     gx, gy, st = [], [], []
     for s in strides:
@@ -151,6 +162,8 @@ def _yolox(family, outs, hw, conf):
     gx, gy, st = _level_grids(hw, family.strides)
     if gx.size != p.shape[0]:
         raise ValueError(f"yolox output has {p.shape[0]} rows, the {hw} grid of strides {family.strides} {gx.size}")
+    if decoded_rows(p, gx, gy, st):  # the same shape decoded in the graph (YOLOv6, YOLOX decode_in_inference)
+        return _v5(family, outs, hw, conf)
     keep = p[:, 4] > conf
     p, gx, gy, st = p[keep].astype(np.float64), gx[keep], gy[keep], st[keep]
     cx, cy = (p[:, 0] + gx) * st, (p[:, 1] + gy) * st

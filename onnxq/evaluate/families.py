@@ -380,6 +380,28 @@ def _detect_boxes_scores(outs):
                    num_classes=scores[2] if scores[1] == n else scores[1])
 
 
+# ops that only move or select values: a raw head's output reaches its convs through these and Sigmoid alone
+_MOVES = {"Transpose", "Reshape", "Concat", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Split", "Identity",
+          "Sigmoid", "Cast", "Gather"}
+
+
+def _decoded_in_graph(model, output) -> bool:
+    """Whether arithmetic (a grid added, a stride multiplied, an exp) lies between `output` and the convs
+    that make it: a box decode in the graph, where a raw head has only reshapes and sigmoids."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    seen, todo = set(), [output]
+    while todo:
+        node = producers.get(todo.pop())
+        if node is None or node.output[0] in seen or node.op_type == "Conv":
+            continue
+        seen.add(node.output[0])
+        if node.op_type not in _MOVES:
+            return True
+        todo.extend(node.input[:1] if node.op_type in ("Reshape", "Slice", "Gather", "Squeeze", "Unsqueeze")
+                    else node.input)
+    return False
+
+
 def _detect_single(s, hw, meta):
     """One output tensor's shape -> Family or None."""
     if s is None:
@@ -422,9 +444,13 @@ def _detectors(model, outs, hw, meta, anchors):
     def single(i_family=None):
         def run():
             # several outputs (e.g. a v5 export that also returns its raw feature maps): the one that fits
-            for i, (_, s) in enumerate(outs):
+            for i, (name, s) in enumerate(outs):
                 family = _detect_single(s, hw, meta)
                 if family is not None and (i_family is None or family.name == i_family):
+                    if family.name == "yolox" and _decoded_in_graph(model, name):
+                        # YOLOX's own export is its raw head; decoded rows of this shape come from other
+                        # exporters too (YOLOv6 takes RGB /255): its preprocessing is then not known
+                        family = replace(family, preset_guess=True)
                     return replace(family, outputs=(i,))
             return None
         return run
