@@ -399,6 +399,25 @@ def test_decoded_rows_of_yolox_shape_decode_as_such_and_their_preprocessing_is_a
         _same_confident(found[protocol], ref[protocol])
 
 
+@pytest.mark.parametrize("metadata", [True, False])
+def test_yolov8_rows_transposed_are_not_read_as_yolox(tmp_path, metadata):
+    """[1, 8400, 84]: yolov8n's output transposed, as some exports give it; with the metadata's 80 class names,
+    or without any metadata (84 = 4 + COCO's 80 classes: no objectness column)."""
+    m = onnx.load(str(YOLOV8))
+    m.graph.node.append(helper.make_node("Transpose", [m.graph.output[0].name], ["rows"], perm=[0, 2, 1]))
+    del m.graph.output[:]
+    m.graph.output.append(helper.make_tensor_value_info("rows", TensorProto.FLOAT, [1, 8400, 84]))
+    if not metadata:
+        del m.metadata_props[:]
+    path = tmp_path / "rows.onnx"
+    onnx.save(m, str(path))
+    fam = detect_family(load_model(path, check=False), (640, 640))
+    assert (fam.name, fam.rows, fam.num_classes) == ("ultralytics-v8", True, 80)
+    found, ref = detect(path), detect(YOLOV8)
+    for protocol in PROTOCOLS:
+        _same_confident(found[protocol], ref[protocol])
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     d = tmp_path_factory.mktemp("layouts")

@@ -134,7 +134,7 @@ def _v5(family, outs, hw, conf):
 
 
 def _v8(family, outs, hw, conf):
-    p = outs[0].T  # [4+nc, N] -> [N, 4+nc]: cx, cy, w, h (input px), cls (sigmoid), no objectness
+    p = outs[0] if family.rows else outs[0].T  # [4+nc, N] -> [N, 4+nc]: cx, cy, w, h (input px), cls (sigmoid)
     p = p[p[:, 4:].max(axis=1) > conf].astype(np.float64)
     return xywh_to_xyxy(p[:, :4]), p[:, 4:]
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import onnx
 
 STRIDES = (8, 16, 32)
+COCO_CLASSES = 80
 
 # Yolo-FastestV2 COCO anchors (w, h) in 352-input pixels, per stride (dog-qiuqiu's data/coco.data).
 FASTESTV2_ANCHORS = {16: ((12.64, 19.39), (37.88, 51.48), (55.71, 138.31)),
@@ -63,6 +64,7 @@ class Family:
     missing: str = ""  # recognised, but what decoding needs is not known: the one-line reason
     original_boxes: bool = False  # PADDLE: boxes are already in original-image pixels
     classes_by_value: bool = False  # NUM_DETS: scores and classes outputs told apart by their values
+    rows: bool = False  # ultralytics-v8: boxes as rows [N, 4+nc] (a transposed export), not columns [4+nc, N]
 
     @property
     def nms_in_graph(self) -> bool:
@@ -420,11 +422,32 @@ def _detect_single(s, hw, meta):
         return replace(FAMILIES["yolo-fastestv2"], num_classes=s[1] - 15)
     if len(s) == 3 and s[1] == 3 * cells and s[2] > 5:
         return replace(FAMILIES["ultralytics-v5"], num_classes=s[2] - 5)  # v5 / v7: 3 anchors per cell
+    if len(s) == 3 and s[1] == cells and s[2] > 4 and _rows_without_objectness(s[2], meta):
+        return replace(FAMILIES["ultralytics-v8"], num_classes=s[2] - 4, rows=True)
     if len(s) == 3 and s[1] == cells and s[2] > 5 and not is_ultralytics(meta):
         return replace(FAMILIES["yolox"], num_classes=s[2] - 5)
     if len(s) == 3 and s[2] == cells and s[1] > 4:
         return replace(FAMILIES["ultralytics-v8"], num_classes=s[1] - 4)
     return None
+
+
+def _class_count(meta: dict):
+    """The number of classes the metadata names (Ultralytics: names = "{0: 'person', ...}"), or None."""
+    import ast
+
+    try:
+        names = ast.literal_eval(meta.get("names", ""))
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    return len(names) if isinstance(names, (dict, list, tuple)) and names else None
+
+
+def _rows_without_objectness(width, meta) -> bool:
+    """Rows [N, width] over one box per cell are 4 box values and class scores (a transposed YOLOv8-style
+    export) rather than YOLOX's 4 + objectness + classes: where the metadata's class count says so, or, with
+    none, where the width is 84 (COCO's 80 classes with no objectness; with one it would be 85)."""
+    count = _class_count(meta)
+    return width - 4 == count if count is not None else width == 4 + COCO_CLASSES
 
 
 def is_ultralytics(meta: dict) -> bool:
