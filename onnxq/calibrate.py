@@ -188,7 +188,7 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
                                  f"{first_line(exc)}") from exc
             if failure:
                 raise failure[0]
-            pending.put(outs)
+            pending.put([inputs.real_rows(v, len(batch.images)) for v in outs])
             stats.num_images += len(batch.paths)
             if progress_cb:
                 progress_cb(len(batch.paths))

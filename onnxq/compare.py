@@ -89,8 +89,10 @@ def compare_models(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, b
     kept = {}
     for batch in batches:
         feed = inputs.feed(batch)
-        f_vals = dict(zip(compared + outputs, f_sess.run(compared + outputs, feed)))
-        q_vals = dict(zip(q_fetch + outputs, q_sess.run(q_fetch + outputs, feed)))
+        f_vals = {t: inputs.real_rows(v, len(batch)) for t, v in zip(compared + outputs,
+                                                                       f_sess.run(compared + outputs, feed))}
+        q_vals = {t: inputs.real_rows(v, len(batch)) for t, v in zip(q_fetch + outputs,
+                                                                       q_sess.run(q_fetch + outputs, feed))}
         for t in compared:
             acc[t].add(f_vals[t], q_vals[pairs[t].dequantized])
             local[t].add(q_vals[t], q_vals[pairs[t].dequantized])

@@ -38,7 +38,8 @@ def measure_input_means(quant_model, tensors, inputs, batches, threads=None):
 
     def batch_sums(batch):
         outs = sess.run(names, _feed(inputs, batch))
-        return [channel_sums(value, tensors[x]) for x, value in zip(names, outs)]  # Numba: GIL released
+        return [channel_sums(inputs.real_rows(value, len(batch)), tensors[x])  # Numba: GIL released
+                for x, value in zip(names, outs)]
 
     per_batch = {i: done.result() for (i, _), done in run_concurrently(lambda item: batch_sums(item[1]),
                                                                         enumerate(batches), runs)}

@@ -32,17 +32,30 @@ class ModelInputs:
     extras: dict = field(default_factory=dict)  # name -> constant array fed beside the image
     notes: list = field(default_factory=list)  # things the user should be told (defaults chosen)
     channels_last: bool = False  # the image input is N,H,W,3 (TensorFlow and Keras exports)
+    fixed_batch: int = 1  # images per run a model without a dynamic batch takes
+    uint8_pixels: bool = False  # the image input takes uint8 pixels (the model scales them itself)
 
     def feed(self, images) -> dict:
-        """The model's inputs for a batch of images (N,3,H,W, as preprocessing makes them), in its layout."""
+        """The model's inputs for a batch of images (N,3,H,W, as preprocessing makes them), in its layout; a
+        fixed batch larger than the images given is filled with copies of the last (see real_rows)."""
+        if not self.dynamic_batch and 0 < len(images) < self.fixed_batch:
+            images = np.concatenate([images, np.repeat(images[-1:], self.fixed_batch - len(images), axis=0)])
         if self.channels_last:
             images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+        if self.uint8_pixels:  # preprocessing then keeps 0-255 (preprocess_probe.resolve): whole pixel values
+            images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
         return {self.image: images, **self.extras}
 
+    def real_rows(self, value, count):
+        """`value`, an output of a run over `count` images fed, without the rows of the copies feed added."""
+        if self.dynamic_batch or count >= self.fixed_batch or np.ndim(value) == 0 or len(value) != self.fixed_batch:
+            return value
+        return value[:count]
+
     def batch_size(self, requested=None) -> int:
-        """Images per run: `requested` (default 8) where the batch is dynamic, else one at a time."""
+        """Images per run: `requested` (default 8) where the batch is dynamic, else the model's fixed batch."""
         if not self.dynamic_batch:
-            return 1
+            return self.fixed_batch
         return 8 if requested is None else int(requested)
 
     def extras_digest(self) -> str:
@@ -163,18 +176,19 @@ def find_inputs(model, imgsz=None, input_values=None, path="model", default_imgs
     images = []
     for vi in inputs:
         elem = vi.type.tensor_type.elem_type
-        if elem == onnx.TensorProto.FLOAT and channels_last(_dims(vi)) is not None:
+        if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8) and channels_last(_dims(vi)) is not None:
             images.append(vi)
-    images.sort(key=lambda vi: channels_last(_dims(vi)))  # N,3,H,W first where both kinds are inputs
+    # float before uint8 pixels, N,3,H,W before N,H,W,3, where several inputs could be the image
+    images.sort(key=lambda vi: (vi.type.tensor_type.elem_type != onnx.TensorProto.FLOAT, channels_last(_dims(vi))))
     if not images:
         int_images = [vi.name for vi in inputs if channels_last(_dims(vi)) is not None]
         if int_images:
             elem = next(vi for vi in inputs if vi.name == int_images[0]).type.tensor_type.elem_type
             kind = onnx.TensorProto.DataType.Name(elem)
             fix = ("quantize its float32 export" if elem in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-                   else "export without the uint8 pre-processing")
-            raise OnnxqError(f"{path}: image input {int_images[0]} is {kind}; onnxq needs a float32 N,3,H,W "
-                             f"or N,H,W,3 input ({fix})")
+                   else "export it with float32 or uint8 pixels")
+            raise OnnxqError(f"{path}: image input {int_images[0]} is {kind}; onnxq needs a float32 or uint8 "
+                             f"N,3,H,W or N,H,W,3 input ({fix})")
         described = ", ".join(f"{vi.name}{_dims(vi)}:{onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)}" for vi in inputs)
         raise OnnxqError(f"{path}: no image-like input (float N,3,H,W or N,H,W,3); inputs are {described}")
     image = images[0]
@@ -182,13 +196,22 @@ def find_inputs(model, imgsz=None, input_values=None, path="model", default_imgs
     last = channels_last(dims)
     h, w = dims[1:3] if last else dims[2:4]
     notes = [f"input {image.name} is channels-last (N,H,W,3): images are fed so"] if last else []
+    uint8 = image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
-        if imgsz is None and default_imgsz is None:
+        exported = metadata_imgsz(model) if imgsz is None and default_imgsz is None else None
+        if exported is not None:
+            notes.append(f"input {image.name} has dynamic height/width: fed {exported[0]}x{exported[1]}, the size "
+                         f"the model's metadata says it was exported at (--imgsz H[,W] to change)")
+        elif imgsz is None and default_imgsz is None:
             raise UsageError(f"{path}: input {image.name} has dynamic height/width {[h, w]}; pass --imgsz H[,W]")
-        h, w = imgsz if imgsz is not None else default_imgsz
+        h, w = imgsz if imgsz is not None else default_imgsz if default_imgsz is not None else exported
     elif imgsz is not None and tuple(imgsz) != (h, w):
         raise UsageError(f"{path}: --imgsz {imgsz[0]},{imgsz[1]} differs from the model's fixed input {h}x{w}")
     dynamic_batch = not isinstance(dims[0], int) or dims[0] <= 0
+    fixed_batch = 1 if dynamic_batch else int(dims[0])
+    if fixed_batch > 1:
+        notes.append(f"input {image.name} takes batches of {fixed_batch} images: a last, smaller batch is "
+                     f"filled with copies of its last image, left out of every result")
     input_values = dict(input_values or {})
     extras = {}
     for vi in inputs:
@@ -214,7 +237,22 @@ def find_inputs(model, imgsz=None, input_values=None, path="model", default_imgs
     if input_values:
         raise UsageError(f"--input {', '.join(input_values)}: no such model input")
     return ModelInputs(image=image.name, hw=(int(h), int(w)), dynamic_batch=dynamic_batch, extras=extras, notes=notes,
-                       channels_last=last)
+                       channels_last=last, fixed_batch=fixed_batch, uint8_pixels=uint8)
+
+
+def metadata_imgsz(model):
+    """(h, w) an exporter recorded in the metadata (Ultralytics: imgsz = "[640, 640]" or "640"), or None."""
+    import ast
+
+    text = next((p.value for p in model.metadata_props if p.key == "imgsz"), None)
+    try:
+        value = ast.literal_eval(text) if text else None
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    size = [value, value] if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) else []
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 8192 for v in size):
+        return None
+    return tuple(size)
 
 
 def channels_last(dims) -> bool | None:

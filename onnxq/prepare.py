@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import onnx
 
 from .model import find_inputs, infer_shapes, load_model
-from .passes.fold import fold_constants, name_nodes, untie_shared_weights
+from .passes.fold import fold_batch_norms, fold_constants, name_nodes, untie_shared_weights
 from .passes.graph import to_graph, to_model
 from .passes.layout import fast_layouts
 from .passes.opset import upgrade_opset
@@ -38,7 +38,8 @@ def prepare_model(model_or_path, imgsz=None, input_values=None, default_imgsz=No
         source = load_model(model_or_path)
     inputs = find_inputs(source, imgsz=imgsz, input_values=input_values, path=name, default_imgsz=default_imgsz)
     upgraded = infer_shapes(upgrade_opset(source))
-    graph = fast_layouts(untie_shared_weights(name_nodes(fold_constants(to_graph(upgraded)))), layout_rewrites)
+    graph = fast_layouts(untie_shared_weights(name_nodes(fold_batch_norms(fold_constants(to_graph(upgraded))))),
+                         layout_rewrites)
     model = to_model(graph, source)
     return Prepared(source, model, graph, inputs, model_hash(source), name)
 

@@ -325,6 +325,16 @@ def guess_source(family, meta=None) -> str:
 
 
 def resolve(model, inputs, family_of, explicit=None, explicit_source="flags", images=()):
+    """resolve_rule's preprocessing, its values kept at 0-255 where the model takes uint8 pixels (it scales
+    them itself: any scale, mean or std would be applied twice)."""
+    pp, source = resolve_rule(model, inputs, family_of, explicit, explicit_source, images)
+    if getattr(inputs, "uint8_pixels", False) and (pp.scale != 1 or pp.mean is not None or pp.std is not None):
+        pp = replace(pp, scale=1.0, mean=None, std=None)
+        source += "; pixels 0-255 as they are: the model takes uint8 and scales them itself"
+    return pp, source
+
+
+def resolve_rule(model, inputs, family_of, explicit=None, explicit_source="flags", images=()):
     """(Preprocess, where it came from), the one rule quantize, calibrate, inspect, eval and compare share:
     explicit > onnxq metadata > the detected family's preset > Ultralytics metadata > a guessed family's
     preset > ultralytics. The

@@ -32,6 +32,7 @@ def collect_hessians(prepared, node_names, paths, pp, batch_size=None, threads=N
             values.update(zip(exposed, session.run(exposed, feed)))
         for n in convs:
             x = np.asarray(values[n.inputs[0].name], dtype=np.float32)
+            x = prepared.inputs.real_rows(x, len(batch.images))
             for i in range(len(x)):  # a bounded sample per image, not per batch: the same H whatever --batch
                 accumulators[n.name].add(x[i:i + 1])
         if progress is not None:

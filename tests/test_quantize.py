@@ -562,6 +562,47 @@ def _channels_last_twin(src, dst):
     return dst
 
 
+def _uint8_twin(src, dst):
+    """`src` taking uint8 pixels N,H,W,3 and scaling them itself (Transpose, Cast, Div by 255), as exports with
+    the preprocessing in the graph do."""
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(src))
+    old = m.graph.input[0]
+    n, c, h, w = (d.dim_value for d in old.type.tensor_type.shape.dim)
+    m.graph.initializer.append(helper.make_tensor("k255", TensorProto.FLOAT, [], [255.0]))
+    for i, node in enumerate([helper.make_node("Transpose", ["pixels"], ["pixels_nchw"], perm=[0, 3, 1, 2]),
+                              helper.make_node("Cast", ["pixels_nchw"], ["pixels_f"], to=TensorProto.FLOAT),
+                              helper.make_node("Div", ["pixels_f", "k255"], [old.name])]):
+        m.graph.node.insert(i, node)
+    m.graph.input.remove(old)
+    m.graph.input.insert(0, helper.make_tensor_value_info("pixels", TensorProto.UINT8, [n, h, w, c]))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_a_model_taking_uint8_pixels_quantizes_as_its_float_twin(tmp_path):
+    src = MODELS_DIR / "yolo-fastestv2_352.onnx"  # its preset divides by 255: the twin does that itself
+    twin = _uint8_twin(src, tmp_path / "u8.onnx")
+    inputs = find_inputs(onnx.load(str(twin)))
+    assert inputs.uint8_pixels and inputs.channels_last
+    assert inputs.feed(np.full((1, 3, 352, 352), 114.4, np.float32))["pixels"].dtype == np.uint8
+    options = dict(num_images=CALIB_IMAGES, bias_correction=CALIB_IMAGES, verify=False)
+    (first, _), (last, report) = (quantize_with_report(m, CALIB_DIR / "images", **options) for m in (src, twin))
+    assert (report.preprocess.scale, report.preprocess.order) == (1.0, "bgr") and "uint8" in report.preprocess_source
+
+    def grids(model):
+        return sorted(onnx.numpy_helper.to_array(i).tobytes() for i in model.graph.initializer
+                      if i.name.endswith(("_scale", "_zero_point")))
+
+    assert len(grids(first)) > 20 and grids(last) == grids(first)
+    from onnxq.evaluate.pipeline import evaluate_model
+
+    scores = [evaluate_model(save_model(m, tmp_path / f"{name}.onnx"), VAL_DIR, num_images=8, progress=False)
+              for name, m in (("float", first), ("uint8", last))]
+    assert scores[0]["protocols"] == scores[1]["protocols"] and scores[0]["map50_95"] > 3
+
+
 def test_a_channels_last_input_is_found_and_fed_in_its_layout():
     from onnx import TensorProto, helper
 
@@ -594,3 +635,104 @@ def test_a_channels_last_model_quantizes_and_scores_as_its_channels_first_twin(t
     scores = [evaluate_model(save_model(m, tmp_path / f"{name}.onnx"), VAL_DIR, num_images=8, progress=False)
               for name, m in (("first", first), ("last", last))]
     assert scores[0]["protocols"] == scores[1]["protocols"] and scores[0]["map50_95"] > 5
+
+
+def test_a_model_of_fixed_batch_four_quantizes_and_scores_as_its_batch_one_twin(tmp_path):
+    """Six images in batches of four: the last batch is filled with copies, which no statistic or score
+    counts (the grids and the mAP are those of the same model at batch 1)."""
+    src = MODELS_DIR / "yolox_nano_416.onnx"
+    m = onnx.load(str(src))
+    for value in (m.graph.input[0], m.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = 4
+    four = tmp_path / "batch4.onnx"
+    onnx.save(m, str(four))
+    inputs = find_inputs(m)
+    assert (inputs.dynamic_batch, inputs.fixed_batch, inputs.batch_size(8)) == (False, 4, 4)
+    options = dict(num_images=6, bias_correction=6, verify=False)
+    one, _ = quantize_with_report(src, CALIB_DIR / "images", **options)
+    batched, _ = quantize_with_report(four, CALIB_DIR / "images", **options)
+
+    def grids(model):
+        return sorted(onnx.numpy_helper.to_array(i).tobytes() for i in model.graph.initializer
+                      if i.name.endswith(("_scale", "_zero_point")))
+
+    assert len(grids(one)) > 20 and grids(batched) == grids(one)
+    from onnxq.evaluate.pipeline import evaluate_model
+
+    scores = [evaluate_model(save_model(q, tmp_path / f"{name}.onnx"), VAL_DIR, num_images=6, progress=False)
+              for name, q in (("one", one), ("four", batched))]
+    assert scores[0]["protocols"] == scores[1]["protocols"] and scores[0]["map50_95"] > 5
+
+
+@pytest.mark.parametrize("imgsz, expected", [("[640, 480]", (640, 480)), ("320", (320, 320)), ("[0, 1]", None),
+                                             ("not a size", None)])
+def test_a_dynamic_size_comes_from_the_exporters_metadata_where_it_says_one(imgsz, expected):
+    from onnx import TensorProto, helper
+
+    from onnxq.errors import UsageError
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, "h", "w"])])
+    model = helper.make_model(graph)
+    helper.set_model_props(model, {"imgsz": imgsz})
+    if expected is None:  # nothing usable: the user is asked for it
+        with pytest.raises(UsageError, match="--imgsz"):
+            find_inputs(model)
+        return
+    inputs = find_inputs(model)
+    assert inputs.hw == expected and "metadata" in inputs.notes[-1]
+    assert find_inputs(model, imgsz=(64, 96)).hw == (64, 96)  # the user's size wins
+
+
+def _with_batch_norms(src, dst):
+    """`src` with every biased Conv split into a Conv and a BatchNormalization computing the same (random
+    statistics folded back out of its weights), as exports that keep BatchNormalization give it."""
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(src))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    rng = np.random.default_rng(0)
+    nodes = []
+    for node in g.node:
+        nodes.append(node)
+        if node.op_type != "Conv" or len(node.input) != 3 or node.input[2] not in inits:
+            continue
+        w, b = (numpy_helper.to_array(inits[n]) for n in node.input[1:])
+        c = w.shape[0]
+        gamma, var, mean = (rng.uniform(lo, hi, c).astype(np.float32) for lo, hi in ((0.5, 1.5), (0.5, 2.0), (-0.5, 0.5)))
+        gain = gamma / np.sqrt(var + 1e-3)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array((w / gain[:, None, None, None]).astype(np.float32),
+                                                              node.input[1]))
+        names = [f"{node.name}_bn_{k}" for k in "gbmv"]
+        g.initializer.extend(numpy_helper.from_array(a, n) for n, a in zip(names, (gamma, b + mean * gain, mean, var)))
+        out = node.output[0]
+        node.output[0] = f"{out}_conv"
+        del node.input[2]
+        nodes.append(helper.make_node("BatchNormalization", [node.output[0]] + names, [out], epsilon=1e-3))
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_batch_norms_after_convs_are_folded_and_the_model_quantizes_as_its_fused_twin(tmp_path):
+    from collections import Counter
+
+    from onnxq.prepare import prepare_model
+
+    src = MODELS_DIR / "yolox_nano_416.onnx"
+    twin = _with_batch_norms(src, tmp_path / "bn.onnx")
+    assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(twin)).graph.node) > 100
+    prepared = prepare_model(twin)
+    assert not [n for n in prepared.graph.nodes if n.op == "BatchNormalization"]
+    x = np.random.default_rng(1).uniform(0, 255, (1, 3, 416, 416)).astype(np.float32)
+    ref = get_runner("ort", src)({"images": x})[0]
+    np.testing.assert_allclose(get_runner("ort", save_model(prepared.model, tmp_path / "p.onnx"))({"images": x})[0],
+                               ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    options = dict(num_images=CALIB_IMAGES, bias_correction=CALIB_IMAGES, verify=False)
+    reports = [quantize_with_report(m, CALIB_DIR / "images", **options)[1] for m in (src, twin)]
+    # the activation rules meet the same Conv -> SiLU pairs: every range chosen the same way
+    methods = [Counter(c.method for c in r.activations) for r in reports]
+    assert methods[0] == methods[1] and methods[0]["silu-range"] > 50

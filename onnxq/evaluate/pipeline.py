@@ -68,7 +68,8 @@ def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, famil
     given = set(input_values or {})
     bar = tqdm(total=len(index), desc="eval", unit="img", disable=not progress, leave=False)
     try:
-        for batch in iter_batches([p for p, _ in index], inputs.hw, pp, on_skip=lambda p, why: skipped.append(p)):
+        for batch in iter_batches([p for p, _ in index], inputs.hw, pp, batch_size=inputs.fixed_batch,
+                                  on_skip=lambda p, why: skipped.append(p)):
             t = time.perf_counter()
             try:
                 found = detect_batch(runner, fam, inputs, batch, conf, ious, max_det, tuple(PROTOCOLS), given)
