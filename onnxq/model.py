@@ -115,12 +115,25 @@ def check_model(model, path="model"):
             "give onnxq the float model"
         )
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)
     except ValueError:
         pass  # > 2 GB: protobuf cannot serialise it for the checker; checked after save instead
     except onnx.checker.ValidationError as exc:
         raise OnnxqError(f"{path}: invalid ONNX model: {first_line(exc, 'invalid model')}") from exc
+
+
+def tensor_bytes(model) -> int:
+    """The bytes a model's initializers hold, from their types and shapes: protobuf's ByteSize serialises the
+    whole model to count it (7 s for a 2 GB one)."""
+    total = 0
+    for t in model.graph.initializer:
+        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type in _NP_TYPES else 8
+        total += int(np.prod(t.dims, dtype=np.int64)) * size
+    return total
+
+
+_NP_TYPES = set(onnx.helper.get_all_tensor_dtypes()) - {onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING}
 
 
 def infer_shapes(model) -> onnx.ModelProto:

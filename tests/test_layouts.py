@@ -11,6 +11,7 @@ import onnx
 import pytest
 from test_evaluate import ground_truth  # one reader of instances.json
 from conftest import MODELS_DIR, VAL_DIR
+import exporter_twins as twins
 from onnx import TensorProto, helper
 
 from onnxq import backends
@@ -228,47 +229,12 @@ def test_decoded_outputs_split_per_stride_on_a_non_square_input():
 
 # --- NMS-in-graph exports built around yolov8n -----------------------------------------------------
 
-def _yolov8_head(g):
-    """yolov8n's output as boxes [1, 8400, 4] x1, y1, x2, y2 and scores [1, 80, 8400]."""
-    i64 = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)], v)  # noqa: E731
-    g.initializer.extend([i64("c0", [0]), i64("c2", [2]), i64("c4", [4]), i64("c84", [84]), i64("ax2", [2]),
-                          i64("shape_k4", [-1, 4]), i64("shape_flat", [-1]), i64("n_boxes", [8400]),
-                          i64("col1", [1]), i64("col2", [2]), i64("max_per_class", [300]),
-                          helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
-                          helper.make_tensor("iou_thr", TensorProto.FLOAT, [1], [0.7]),
-                          helper.make_tensor("score_thr", TensorProto.FLOAT, [1], [0.001])])
-    raw = g.output[0].name
-    return [
-        helper.make_node("Transpose", [raw], ["pred"], perm=[0, 2, 1]),
-        helper.make_node("Slice", ["pred", "c0", "c2", "ax2"], ["xy"]),
-        helper.make_node("Slice", ["pred", "c2", "c4", "ax2"], ["wh"]),
-        helper.make_node("Slice", ["pred", "c4", "c84", "ax2"], ["cls"]),
-        helper.make_node("Transpose", ["cls"], ["scores"], perm=[0, 2, 1]),
-        helper.make_node("Mul", ["wh", "half"], ["half_wh"]),
-        helper.make_node("Sub", ["xy", "half_wh"], ["x1y1"]),
-        helper.make_node("Add", ["xy", "half_wh"], ["x2y2"]),
-        helper.make_node("Concat", ["x1y1", "x2y2"], ["boxes"], axis=2),
-        helper.make_node("NonMaxSuppression", ["boxes", "scores", "max_per_class", "iou_thr", "score_thr"],
-                         ["selected"]),
-        # the selected boxes' class, box index, score
-        helper.make_node("Gather", ["selected", "col1"], ["sel_cls2d"], axis=1),
-        helper.make_node("Gather", ["selected", "col2"], ["sel_box2d"], axis=1),
-        helper.make_node("Reshape", ["sel_cls2d", "shape_flat"], ["sel_cls"]),
-        helper.make_node("Reshape", ["sel_box2d", "shape_flat"], ["sel_box"]),
-        helper.make_node("Mul", ["sel_cls", "n_boxes"], ["cls_base"]),
-        helper.make_node("Add", ["cls_base", "sel_box"], ["flat_idx"]),
-        helper.make_node("Reshape", ["scores", "shape_flat"], ["scores_flat"]),
-        helper.make_node("Gather", ["scores_flat", "flat_idx"], ["det_score"]),  # [K]
-        helper.make_node("Cast", ["sel_cls"], ["det_cls_f"], to=TensorProto.FLOAT),  # [K]
-    ]
-
-
 def _yolov8_paddle_nms():
     """PaddleDetection's NMS export: inputs image + scale_factor [N, 2] (= [sy, sx]); outputs [K, 6] class,
     score, x1, y1, x2, y2 in original pixels (boxes divided by the scale inside the graph) + count [N]."""
     m = onnx.load(str(YOLOV8))
     g = m.graph
-    nodes = _yolov8_head(g)
+    nodes = twins.yolov8_head(g)
     g.input.append(helper.make_tensor_value_info("scale_factor", TensorProto.FLOAT, ["N", 2]))
     g.initializer.append(helper.make_tensor("xyxy_from_yx", TensorProto.INT64, [4], [1, 0, 1, 0]))
     nodes += [
@@ -296,7 +262,7 @@ def _yolov8_num_dets(typed: bool):
     under telling names, else float classes under neutral names (told apart by their values)."""
     m = onnx.load(str(YOLOV8))
     g = m.graph
-    nodes = _yolov8_head(g)
+    nodes = twins.yolov8_head(g)
     names = ["num_dets", "det_boxes", "det_scores", "det_classes"] if typed else ["n", "out_b", "out_s", "out_c"]
     nodes += [
         helper.make_node("Reshape", ["boxes", "shape_k4"], ["boxes2d"]),
@@ -322,34 +288,10 @@ def _yolov8_num_dets(typed: bool):
     return m
 
 
-def _yolov8_boxes_scores(corners: bool):
-    """yolov8n's candidates before NMS as two outputs: corners [1, 8400, 4] in pixels and probabilities
-    [1, 80, 8400] (PP-YOLOE's order), or centre and size normalised to [0, 1] and logits [1, 8400, 80]."""
-    m = onnx.load(str(YOLOV8))
-    g = m.graph
-    nodes = _yolov8_head(g)[:9]  # up to boxes and scores, before the NMS
-    g.initializer.extend([helper.make_tensor("size", TensorProto.FLOAT, [], [640.0]),
-                          helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
-    if corners:
-        outputs = [("boxes", [1, 8400, 4]), ("scores", [1, 80, 8400])]
-    else:
-        nodes += [helper.make_node("Concat", ["xy", "wh"], ["xywh"], axis=2),
-                  helper.make_node("Div", ["xywh", "size"], ["boxes_01"]),
-                  helper.make_node("Sub", ["one", "cls"], ["not_cls"]),
-                  helper.make_node("Div", ["cls", "not_cls"], ["odds"]),
-                  helper.make_node("Log", ["odds"], ["logits"])]
-        outputs = [("logits", [1, 8400, 80]), ("boxes_01", [1, 8400, 4])]
-    g.node.extend(nodes)
-    del g.output[:]
-    g.output.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs])
-    onnx.checker.check_model(m)
-    return m
-
-
 @pytest.mark.parametrize("corners", [True, False])
 def test_boxes_and_scores_before_nms_are_read_in_either_form(tmp_path, corners):
     path = tmp_path / "split.onnx"
-    onnx.save(_yolov8_boxes_scores(corners), str(path))
+    onnx.save(twins.yolov8_boxes_scores(corners), str(path))
     fam = detect_family(load_model(path, check=False), (640, 640))
     assert (fam.name, fam.outputs, fam.num_classes) == ("boxes-scores", (0, 1) if corners else (1, 0), 80)
     found, ref = detect(path), detect(YOLOV8)
@@ -357,38 +299,9 @@ def test_boxes_and_scores_before_nms_are_read_in_either_form(tmp_path, corners):
         _same_confident(found[protocol], ref[protocol])
 
 
-def _yolox_decoded():
-    """yolox_nano with its boxes decoded in the graph (centre = (offset + cell) * stride, size = exp * stride),
-    the [1, 3549, 85] rows YOLOv6 and YOLOX's decode_in_inference export."""
-    from onnx import numpy_helper
-
-    m = onnx.load(str(MODELS_DIR / "yolox_nano_416.onnx"))
-    g = m.graph
-    cells = [np.divmod(np.arange((416 // s) ** 2), 416 // s) + (np.full((416 // s) ** 2, s),) for s in (8, 16, 32)]
-    grid = np.stack([np.concatenate([x for _, x, _ in cells]), np.concatenate([y for y, _, _ in cells])], 1)
-    stride = np.concatenate([s for *_, s in cells])
-    g.initializer.extend([numpy_helper.from_array(grid[None].astype(np.float32), "grid"),
-                          numpy_helper.from_array(stride[None, :, None].astype(np.float32), "stride")]
-                         + [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
-                            (("c0", 0), ("c2", 2), ("c4", 4), ("c85", 85), ("ax2", 2))])
-    raw = g.output[0].name
-    g.node.extend([helper.make_node("Slice", [raw, "c0", "c2", "ax2"], ["dxy"]),
-                   helper.make_node("Slice", [raw, "c2", "c4", "ax2"], ["log_wh"]),
-                   helper.make_node("Slice", [raw, "c4", "c85", "ax2"], ["obj_cls"]),
-                   helper.make_node("Add", ["dxy", "grid"], ["cell_xy"]),
-                   helper.make_node("Mul", ["cell_xy", "stride"], ["xy"]),
-                   helper.make_node("Exp", ["log_wh"], ["exp_wh"]),
-                   helper.make_node("Mul", ["exp_wh", "stride"], ["wh"]),
-                   helper.make_node("Concat", ["xy", "wh", "obj_cls"], ["decoded"], axis=2)])
-    del g.output[:]
-    g.output.append(helper.make_tensor_value_info("decoded", TensorProto.FLOAT, [1, 3549, 85]))
-    onnx.checker.check_model(m)
-    return m
-
-
 def test_decoded_rows_of_yolox_shape_decode_as_such_and_their_preprocessing_is_a_guess(tmp_path):
     raw_path, path = MODELS_DIR / "yolox_nano_416.onnx", tmp_path / "decoded.onnx"
-    onnx.save(_yolox_decoded(), str(path))
+    onnx.save(twins.yolox_decoded(), str(path))
     raw_family = detect_family(load_model(raw_path, check=False), (416, 416))
     fam = detect_family(load_model(path, check=False), (416, 416))
     assert (raw_family.name, raw_family.preset_guess) == ("yolox", False)  # the official raw export tells it

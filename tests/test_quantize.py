@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from conftest import CALIB_DIR, MODEL_FILES, MODELS_DIR, VAL_DIR
+import exporter_twins as twins
 from onnxq.api import collect_stats, quantize_with_report
 from onnxq.backends import get_runner
 from onnxq.evaluate.detect import detect_image
@@ -548,42 +549,9 @@ def test_a_silu_input_takes_its_range_from_the_output_grid_only_while_there_is_o
     assert all(by_name.get(pairs[c.tensor]) is None for c in float_read)
 
 
-def _channels_last_twin(src, dst):
-    """`src` with an N,H,W,3 image input transposed to its N,3,H,W one, as TensorFlow and Keras exports read."""
-    from onnx import TensorProto, helper
-
-    m = onnx.load(str(src))
-    old = m.graph.input[0]
-    n, c, h, w = (d.dim_value for d in old.type.tensor_type.shape.dim)
-    m.graph.node.insert(0, helper.make_node("Transpose", ["image_nhwc"], [old.name], perm=[0, 3, 1, 2]))
-    m.graph.input.remove(old)
-    m.graph.input.insert(0, helper.make_tensor_value_info("image_nhwc", TensorProto.FLOAT, [n, h, w, c]))
-    onnx.save(m, str(dst))
-    return dst
-
-
-def _uint8_twin(src, dst):
-    """`src` taking uint8 pixels N,H,W,3 and scaling them itself (Transpose, Cast, Div by 255), as exports with
-    the preprocessing in the graph do."""
-    from onnx import TensorProto, helper
-
-    m = onnx.load(str(src))
-    old = m.graph.input[0]
-    n, c, h, w = (d.dim_value for d in old.type.tensor_type.shape.dim)
-    m.graph.initializer.append(helper.make_tensor("k255", TensorProto.FLOAT, [], [255.0]))
-    for i, node in enumerate([helper.make_node("Transpose", ["pixels"], ["pixels_nchw"], perm=[0, 3, 1, 2]),
-                              helper.make_node("Cast", ["pixels_nchw"], ["pixels_f"], to=TensorProto.FLOAT),
-                              helper.make_node("Div", ["pixels_f", "k255"], [old.name])]):
-        m.graph.node.insert(i, node)
-    m.graph.input.remove(old)
-    m.graph.input.insert(0, helper.make_tensor_value_info("pixels", TensorProto.UINT8, [n, h, w, c]))
-    onnx.save(m, str(dst))
-    return dst
-
-
 def test_a_model_taking_uint8_pixels_quantizes_as_its_float_twin(tmp_path):
     src = MODELS_DIR / "yolo-fastestv2_352.onnx"  # its preset divides by 255: the twin does that itself
-    twin = _uint8_twin(src, tmp_path / "u8.onnx")
+    twin = twins.uint8_pixels(src, tmp_path / "u8.onnx")
     inputs = find_inputs(onnx.load(str(twin)))
     assert inputs.uint8_pixels and inputs.channels_last
     assert inputs.feed(np.full((1, 3, 352, 352), 114.4, np.float32))["pixels"].dtype == np.uint8
@@ -619,7 +587,7 @@ def test_a_channels_last_input_is_found_and_fed_in_its_layout():
 
 def test_a_channels_last_model_quantizes_and_scores_as_its_channels_first_twin(tmp_path):
     src = MODELS_DIR / "yolo-fastestv2_352.onnx"
-    twin = _channels_last_twin(src, tmp_path / "nhwc.onnx")
+    twin = twins.channels_last(src, tmp_path / "nhwc.onnx")
     options = dict(num_images=CALIB_IMAGES, bias_correction=CALIB_IMAGES, verify=False)
     first, _ = quantize_with_report(src, CALIB_DIR / "images", **options)
     last, report = quantize_with_report(twin, CALIB_DIR / "images", **options)
@@ -641,12 +609,8 @@ def test_a_model_of_fixed_batch_four_quantizes_and_scores_as_its_batch_one_twin(
     """Six images in batches of four: the last batch is filled with copies, which no statistic or score
     counts (the grids and the mAP are those of the same model at batch 1)."""
     src = MODELS_DIR / "yolox_nano_416.onnx"
-    m = onnx.load(str(src))
-    for value in (m.graph.input[0], m.graph.output[0]):
-        value.type.tensor_type.shape.dim[0].dim_value = 4
-    four = tmp_path / "batch4.onnx"
-    onnx.save(m, str(four))
-    inputs = find_inputs(m)
+    four = twins.fixed_batch(src, tmp_path / "batch4.onnx", 4)
+    inputs = find_inputs(onnx.load(str(four)))
     assert (inputs.dynamic_batch, inputs.fixed_batch, inputs.batch_size(8)) == (False, 4, 4)
     options = dict(num_images=6, bias_correction=6, verify=False)
     one, _ = quantize_with_report(src, CALIB_DIR / "images", **options)
@@ -685,45 +649,13 @@ def test_a_dynamic_size_comes_from_the_exporters_metadata_where_it_says_one(imgs
     assert find_inputs(model, imgsz=(64, 96)).hw == (64, 96)  # the user's size wins
 
 
-def _with_batch_norms(src, dst):
-    """`src` with every biased Conv split into a Conv and a BatchNormalization computing the same (random
-    statistics folded back out of its weights), as exports that keep BatchNormalization give it."""
-    from onnx import helper, numpy_helper
-
-    m = onnx.load(str(src))
-    g = m.graph
-    inits = {i.name: i for i in g.initializer}
-    rng = np.random.default_rng(0)
-    nodes = []
-    for node in g.node:
-        nodes.append(node)
-        if node.op_type != "Conv" or len(node.input) != 3 or node.input[2] not in inits:
-            continue
-        w, b = (numpy_helper.to_array(inits[n]) for n in node.input[1:])
-        c = w.shape[0]
-        gamma, var, mean = (rng.uniform(lo, hi, c).astype(np.float32) for lo, hi in ((0.5, 1.5), (0.5, 2.0), (-0.5, 0.5)))
-        gain = gamma / np.sqrt(var + 1e-3)
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array((w / gain[:, None, None, None]).astype(np.float32),
-                                                              node.input[1]))
-        names = [f"{node.name}_bn_{k}" for k in "gbmv"]
-        g.initializer.extend(numpy_helper.from_array(a, n) for n, a in zip(names, (gamma, b + mean * gain, mean, var)))
-        out = node.output[0]
-        node.output[0] = f"{out}_conv"
-        del node.input[2]
-        nodes.append(helper.make_node("BatchNormalization", [node.output[0]] + names, [out], epsilon=1e-3))
-    del g.node[:]
-    g.node.extend(nodes)
-    onnx.save(m, str(dst))
-    return dst
-
-
 def test_batch_norms_after_convs_are_folded_and_the_model_quantizes_as_its_fused_twin(tmp_path):
     from collections import Counter
 
     from onnxq.prepare import prepare_model
 
     src = MODELS_DIR / "yolox_nano_416.onnx"
-    twin = _with_batch_norms(src, tmp_path / "bn.onnx")
+    twin = twins.batch_norms(src, tmp_path / "bn.onnx")
     assert sum(n.op_type == "BatchNormalization" for n in onnx.load(str(twin)).graph.node) > 100
     prepared = prepare_model(twin)
     assert not [n for n in prepared.graph.nodes if n.op == "BatchNormalization"]
