@@ -549,26 +549,33 @@ def test_a_silu_input_takes_its_range_from_the_output_grid_only_while_there_is_o
     assert all(by_name.get(pairs[c.tensor]) is None for c in float_read)
 
 
+def _quantizes_and_scores_as(source, twin, tmp_path, images):
+    """The twin's QuantReport, after checking that `twin` quantizes to the same grids as `source` (the same
+    `images` calibration images) and that the two quantized models score the same on `images` val images."""
+    from onnxq.evaluate.pipeline import evaluate_model
+
+    options = dict(num_images=images, bias_correction=images, verify=False)
+    (first, _), (second, report) = (quantize_with_report(m, CALIB_DIR / "images", **options) for m in (source, twin))
+
+    def grids(model):  # every scale and zero point the quantization chose, by value
+        return sorted(onnx.numpy_helper.to_array(i).tobytes() for i in model.graph.initializer
+                      if i.name.endswith(("_scale", "_zero_point")))
+
+    assert len(grids(first)) > 20 and grids(second) == grids(first)
+    scores = [evaluate_model(save_model(m, tmp_path / f"{name}.onnx"), VAL_DIR, num_images=images, progress=False)
+              for name, m in (("source", first), ("twin", second))]
+    assert scores[0]["protocols"] == scores[1]["protocols"] and scores[0]["map50_95"] > 3
+    return report
+
+
 def test_a_model_taking_uint8_pixels_quantizes_as_its_float_twin(tmp_path):
     src = MODELS_DIR / "yolo-fastestv2_352.onnx"  # its preset divides by 255: the twin does that itself
     twin = twins.uint8_pixels(src, tmp_path / "u8.onnx")
     inputs = find_inputs(onnx.load(str(twin)))
     assert inputs.uint8_pixels and inputs.channels_last
     assert inputs.feed(np.full((1, 3, 352, 352), 114.4, np.float32))["pixels"].dtype == np.uint8
-    options = dict(num_images=CALIB_IMAGES, bias_correction=CALIB_IMAGES, verify=False)
-    (first, _), (last, report) = (quantize_with_report(m, CALIB_DIR / "images", **options) for m in (src, twin))
+    report = _quantizes_and_scores_as(src, twin, tmp_path, CALIB_IMAGES)
     assert (report.preprocess.scale, report.preprocess.order) == (1.0, "bgr") and "uint8" in report.preprocess_source
-
-    def grids(model):
-        return sorted(onnx.numpy_helper.to_array(i).tobytes() for i in model.graph.initializer
-                      if i.name.endswith(("_scale", "_zero_point")))
-
-    assert len(grids(first)) > 20 and grids(last) == grids(first)
-    from onnxq.evaluate.pipeline import evaluate_model
-
-    scores = [evaluate_model(save_model(m, tmp_path / f"{name}.onnx"), VAL_DIR, num_images=8, progress=False)
-              for name, m in (("float", first), ("uint8", last))]
-    assert scores[0]["protocols"] == scores[1]["protocols"] and scores[0]["map50_95"] > 3
 
 
 def test_a_channels_last_input_is_found_and_fed_in_its_layout():
@@ -588,21 +595,8 @@ def test_a_channels_last_input_is_found_and_fed_in_its_layout():
 def test_a_channels_last_model_quantizes_and_scores_as_its_channels_first_twin(tmp_path):
     src = MODELS_DIR / "yolo-fastestv2_352.onnx"
     twin = twins.channels_last(src, tmp_path / "nhwc.onnx")
-    options = dict(num_images=CALIB_IMAGES, bias_correction=CALIB_IMAGES, verify=False)
-    first, _ = quantize_with_report(src, CALIB_DIR / "images", **options)
-    last, report = quantize_with_report(twin, CALIB_DIR / "images", **options)
-    assert [d.dim_value for d in last.graph.input[0].type.tensor_type.shape.dim] == [1, 352, 352, 3]
-
-    def grids(model):  # every scale and zero point the quantization chose, by value
-        return sorted(onnx.numpy_helper.to_array(i).tobytes() for i in model.graph.initializer
-                      if i.name.endswith(("_scale", "_zero_point")))
-
-    assert len(grids(first)) > 20 and grids(last) == grids(first)
-    from onnxq.evaluate.pipeline import evaluate_model
-
-    scores = [evaluate_model(save_model(m, tmp_path / f"{name}.onnx"), VAL_DIR, num_images=8, progress=False)
-              for name, m in (("first", first), ("last", last))]
-    assert scores[0]["protocols"] == scores[1]["protocols"] and scores[0]["map50_95"] > 5
+    report = _quantizes_and_scores_as(src, twin, tmp_path, CALIB_IMAGES)
+    assert "channels-last" in " ".join(report.notes)
 
 
 def test_a_model_of_fixed_batch_four_quantizes_and_scores_as_its_batch_one_twin(tmp_path):
@@ -612,20 +606,7 @@ def test_a_model_of_fixed_batch_four_quantizes_and_scores_as_its_batch_one_twin(
     four = twins.fixed_batch(src, tmp_path / "batch4.onnx", 4)
     inputs = find_inputs(onnx.load(str(four)))
     assert (inputs.dynamic_batch, inputs.fixed_batch, inputs.batch_size(8)) == (False, 4, 4)
-    options = dict(num_images=6, bias_correction=6, verify=False)
-    one, _ = quantize_with_report(src, CALIB_DIR / "images", **options)
-    batched, _ = quantize_with_report(four, CALIB_DIR / "images", **options)
-
-    def grids(model):
-        return sorted(onnx.numpy_helper.to_array(i).tobytes() for i in model.graph.initializer
-                      if i.name.endswith(("_scale", "_zero_point")))
-
-    assert len(grids(one)) > 20 and grids(batched) == grids(one)
-    from onnxq.evaluate.pipeline import evaluate_model
-
-    scores = [evaluate_model(save_model(q, tmp_path / f"{name}.onnx"), VAL_DIR, num_images=6, progress=False)
-              for name, q in (("one", one), ("four", batched))]
-    assert scores[0]["protocols"] == scores[1]["protocols"] and scores[0]["map50_95"] > 5
+    _quantizes_and_scores_as(src, four, tmp_path, 6)
 
 
 @pytest.mark.parametrize("imgsz, expected", [("[640, 480]", (640, 480)), ("320", (320, 320)), ("[0, 1]", None),
