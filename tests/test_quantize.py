@@ -37,6 +37,11 @@ def _run_both(path, feed):
     return ort_out, ov_out
 
 
+# A method changes the grids' values, never the graph: OpenVINO compiles the graph of each model and bit width
+# with the default method and the paper's, onnxruntime runs every method's (one OpenVINO compile is a second).
+BOTH_RUNTIMES = ("uh", "minmax")
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("bits", [(8, 8), (4, 4)])
 def test_every_model_every_method_quantizes_and_runs(model_stats, method, bits, tmp_path):
@@ -51,9 +56,12 @@ def test_every_model_every_method_quantizes_and_runs(model_stats, method, bits, 
         assert c.params.qmax - c.params.qmin + 1 == 2 ** bits[1]
     inputs = find_inputs(q)
     x = np.random.default_rng(0).random((1, 3, *inputs.hw), dtype=np.float32)
-    ort_out, ov_out = _run_both(out, {inputs.image: x})
-    for a, b in zip(ort_out, ov_out):
-        assert a.shape == b.shape and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    if method in BOTH_RUNTIMES:
+        ort_out, ov_out = _run_both(out, {inputs.image: x})
+        for a, b in zip(ort_out, ov_out):
+            assert a.shape == b.shape and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    else:
+        assert all(np.all(np.isfinite(a)) for a in get_runner("ort", out)({inputs.image: x}))
     meta = {p.key: p.value for p in q.metadata_props}
     assert meta["onnxq.method"] == method and meta["onnxq.bits"] == f"W{bits[0]}A{bits[1]}"
     assert preprocess_from_metadata(meta) is not None
