@@ -80,7 +80,7 @@ def main():
                     "source_fp32": measured[key][0], "source_drop": measured[key][1], "source_agreement": measured[key][2],
                     "twin_fp32": got[0], "twin_drop": got[1], "twin_agreement": got[2]})
     print()
-    print(f"{C.stamp()} - {C.machine()}")
+    print(C.stamp())
     print(C.markdown_table(rows, ["model", "exported as", "FP32 val / deploy", "default drop val / deploy",
                                   "agreement"]))
     C.write_json(args.json, {"machine": C.machine(), "date": C.stamp(), "rows": out})
