@@ -116,10 +116,6 @@ def make_session(model: onnx.ModelProto, threads=None):
     return create_session(model, opts, "the model")
 
 
-def _feed(inputs, batch):
-    return inputs.feed(batch)
-
-
 def split_threads(threads: int) -> tuple:
     """(concurrent runs, onnxruntime threads per run) for `threads` cores.
 
@@ -179,7 +175,7 @@ def _run_shard(model, inputs, tensors, paths, pp: Preprocess, batch_size, thread
         batches = iter_batches(paths, inputs.hw, pp, batch_size=batch_size, threads=decode_threads,
                                on_skip=lambda p, why: skipped.append((p, why)), require_readable=False)
         # the statistics do not depend on the order batches fold in (see kernels.histogram)
-        finished = run_concurrently(lambda b: session.run(tensors, _feed(inputs, b.images)), batches, runs)
+        finished = run_concurrently(lambda b: session.run(tensors, inputs.feed(b.images)), batches, runs)
         for batch, done in finished:
             try:
                 outs = done.result()

@@ -17,7 +17,7 @@ all at once, over-corrects (measured). Means stream batch by batch.
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .calibrate import _feed, make_session, model_with_outputs, run_concurrently, split_threads
+from .calibrate import make_session, model_with_outputs, run_concurrently, split_threads
 from .kernels.channels import channel_sums
 from .workers import cores
 
@@ -37,7 +37,7 @@ def measure_input_means(quant_model, tensors, inputs, batches, threads=None):
     sess = make_session(model_with_outputs(quant_model, names), per_run)
 
     def batch_sums(batch):
-        outs = sess.run(names, _feed(inputs, batch))
+        outs = sess.run(names, inputs.feed(batch))
         return [channel_sums(inputs.real_rows(value, len(batch)), tensors[x])  # Numba: GIL released
                 for x, value in zip(names, outs)]
 

@@ -18,10 +18,10 @@ EXP_CLIP = 20.0  # exp() argument cap for log-size regressions (a wild value mus
 # boxes-scores layouts: corners if this share of all N boxes has x2 >= x1 and y2 >= y1 (a few degenerate rows
 # aside); normalised coordinates if none lies beyond this
 CORNER_SHARE = 0.99
+NORMALISED_BOX_LIMIT = 1.5
 # a [N, 5+nc] output over one anchor per cell is decoded where the median box centre lies within this many
 # strides of its cell's centre (raw YOLOX offsets lie tens of strides from it)
 DECODED_CELL_DISTANCE = 4.0
-NORMALISED_BOX_LIMIT = 1.5
 
 
 class DecodeError(OnnxqError):
