@@ -43,6 +43,7 @@ KINDS = ["floor", "floor-2runs", "onnxq", "onnxq-w2", "ort-minmax", "ort-percent
 ONE_RUN = ["onnxq-1run", "onnxq-w2-1run"]
 STAGES = ["onnxq-noverify", "onnxq-gptq"]  # not run by default either: the cost of verification, of GPTQ
 REPEATED = ("floor", "floor-2runs", "onnxq", "onnxq-w2", *ONE_RUN, *STAGES)
+STAGE_NAMES = ["calibrate", "hessians", "choose", "bias_correction", "verify", "total"]
 ORT_STRIDE = 32  # images per onnxruntime collect_data call once the set is larger
 
 
@@ -57,6 +58,7 @@ def _prepared_batches(model, paths):
 
 def run_one(kind, model, n):
     paths = C.cycle_images(C.CALIB / "images", n)
+    stages = {}  # onnxq's own timers (report.seconds)
     t0 = time.perf_counter()
     if kind == "floor":
         import onnxruntime as ort
@@ -87,11 +89,12 @@ def run_one(kind, model, n):
             folder.mkdir()
             for i, p in enumerate(paths):  # the cycled list as a folder of links
                 (folder / f"{i:05d}_{p.name}").symlink_to(p.resolve())
-            q, _ = quantize_with_report(model, folder, method="uh", workers=2 if "-w2" in kind else 1,
-                                        threads=1 if kind.endswith("-1run") else None,
-                                        verify=kind != "onnxq-noverify",
-                                        weights="gptq" if kind == "onnxq-gptq" else None)
+            q, report = quantize_with_report(model, folder, method="uh", workers=2 if "-w2" in kind else 1,
+                                             threads=1 if kind.endswith("-1run") else None,
+                                             verify=kind != "onnxq-noverify",
+                                             weights="gptq" if kind == "onnxq-gptq" else None)
             save_model(q, Path(d) / "q.onnx")
+            stages = dict(report.seconds)
     elif kind.startswith("ort-"):
         from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
 
@@ -139,7 +142,8 @@ def run_one(kind, model, n):
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     rss_mb = sum(u.ru_maxrss for u in usage) / 1024
     cpu = sum(u.ru_utime + u.ru_stime for u in usage)
-    print(json.dumps({"kind": kind, "images": n, "seconds": seconds, "peak_rss_mb": rss_mb, "cpu_seconds": cpu}))
+    print(json.dumps({"kind": kind, "images": n, "seconds": seconds, "peak_rss_mb": rss_mb, "cpu_seconds": cpu,
+                      "stages": stages}))
 
 
 def main():
@@ -202,6 +206,20 @@ def main():
             growth.append(f"{key}: onnxq peak RSS {rss[lo]:.0f} MB at {lo} images, {rss[hi]:.0f} MB at {hi} "
                           f"({(rss[hi] / rss[lo] - 1) * 100:+.1f}%)")
     print("\n" + "\n".join(growth))
+    stage_rows = []
+    for key in args.models:
+        for n in args.sizes:
+            for kind in args.kinds:
+                runs = [r["stages"] for r in results if r["model"] == key and r["images"] == n and r["kind"] == kind
+                        and r.get("stages")]
+                if runs:
+                    median = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in STAGE_NAMES}
+                    stage_rows.append([key, n, kind] + [f"{median[s]:.2f}" if median[s] else "-" for s in STAGE_NAMES])
+    if stage_rows:
+        # "calibrate" holds loading, preparing and the calibration pass; "hessians" and "choose" (ranges and
+        # weight rounding, GPTQ's included) are the weight stage issue 24 bounds by it
+        print("\nonnxq's stages, median s (the report's own timers)\n")
+        print(C.markdown_table(stage_rows, ["model", "images", "tool", *STAGE_NAMES]))
     C.write_json(args.json, {"stamp": C.stamp(), "results": results, "summary": summary})
 
 

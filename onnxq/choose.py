@@ -23,8 +23,7 @@ from .passes.graph import consumers
 from .passes.regions import region_function
 from .passes.select import float_readers, plan_quantization
 from .ranges import (activation_params, bias_scale_floor, fine_grid, region_input_range,
-                     sigmoid_rounds_to_zero_below, silu_input_range, silu_int8_floor_level, weight_bits,
-                     weight_params)
+                     sigmoid_rounds_to_zero_below, silu_input_range, silu_int8_floor_level, weight_bits)
 from .request import sigmoid_derived, silu_bounded
 from .spec import QuantSpec, WeightChoice
 
@@ -34,16 +33,17 @@ def place(prepared, target, config, extra_float=None):
     return plan_quantization(prepared.graph, target, float_nodes=extra_float or None, **config.placement)
 
 
-def choose_spec(prepared, target, plan, stats, config, pp, hessians=None, extra_float=None) -> QuantSpec:
+def choose_spec(prepared, target, plan, stats, config, pp, rounding=None, extra_float=None) -> QuantSpec:
     """Ranges and weights for `plan`; where one scale starves a depthwise conv, for the placement that keeps
-    it float (what fed it in int8 then feeds it float)."""
+    it float (what fed it in int8 then feeds it float). rounding: weight_inputs.WeightInputs (None: no
+    Hessians)."""
     cfg = config.range_config
     act, choices, float_tensors = choose_ranges(prepared, plan, stats, cfg, pp)
     starved = starved_depthwise(prepared.graph, plan, act, stats)
     if starved:
         plan = place(prepared, target, config, {**starved, **(extra_float or {})})
         act, choices, float_tensors = choose_ranges(prepared, plan, stats, cfg, pp)
-    weights, float_nodes = quantize_weights(prepared.graph, plan, act, config, hessians)
+    weights, float_nodes = quantize_weights(prepared.graph, plan, act, config, rounding)
     return QuantSpec(plan, act, choices, weights, {**plan.float_nodes, **float_nodes},
                      {**plan.float_tensors, **float_tensors})
 
@@ -171,8 +171,11 @@ class _RangeChooser:
             self.choose(name, range_only(lo, hi, x_seen), "activation-range")
 
 
-def quantize_weights(graph, plan, act, config, hessians=None):
+def quantize_weights(graph, plan, act, config, rounding=None):
     """({node: WeightChoice} for every planned weight whose input is quantized, {node: why it stays float})."""
+    from .weight_inputs import WeightInputs
+
+    rounding = rounding if rounding is not None else WeightInputs()
     weights, float_nodes = {}, {}
     nodes = {n.name: n for n in graph.nodes}
     for node_name, site in plan.weights.items():
@@ -184,8 +187,8 @@ def quantize_weights(graph, plan, act, config, hessians=None):
         w = node.inputs[1].values
         reads_image = node_name in plan.reads_image
         bits = weight_bits(config.w_bits, config.overflow_fix, reads_image, x)
-        wq = weight_params(site.weight, w, site.axis, bits, _bias_scale_floor(node, act, w.shape[site.axis]),
-                           config.weights, (hessians or {}).get(node_name))
+        wq = rounding.weight_params(node_name, site.weight, w, site.axis, bits,
+                                    _bias_scale_floor(node, act, w.shape[site.axis]), config.weights)
         if wq is None:
             float_nodes[node_name] = "weight holds NaN/Inf"
             continue

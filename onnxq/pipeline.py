@@ -103,8 +103,8 @@ def quantize_with_report(model, calib, stats, config, on_skip=None):
         else:
             observed = observe(prepared, plan, config, calib, held_out, workers, on_skip)
     seconds = {"calibrate": round(time.perf_counter() - t0, 3)}
-    hessians, notes = weight_inputs(prepared, plan, config, calib, held_out, observed.preprocess, seconds)
-    builder = functools.partial(build, prepared, target, config, observed.stats, observed.preprocess, hessians,
+    rounding, notes = weight_inputs(prepared, plan, config, calib, held_out, observed.preprocess, seconds)
+    builder = functools.partial(build, prepared, target, config, observed.stats, observed.preprocess, rounding,
                                 calib, held_out)
     built = builder({})
     agreement = labelled = repair = None
@@ -187,13 +187,15 @@ def observe(prepared, plan, config, calib, held_out, workers, on_skip=None) -> O
 
 
 def weight_inputs(prepared, plan, config, calib, held_out, pp, seconds):
-    """({node: input Hessian} for GPTQ, notes); the Hessians' time goes into `seconds`."""
+    """(WeightInputs for every build of this run, notes); the Hessians' time goes into `seconds`."""
+    from .weight_inputs import HESSIAN_IMAGES, WeightInputs, collect_hessians
+
     if config.weights != "gptq":
-        return {}, ()
+        return WeightInputs(), ()
     if calib is None:
-        return {}, ("--weights gptq needs images (give --calib with --stats): mse clips, rounded to nearest",)
+        return WeightInputs(), ("--weights gptq needs images (give --calib with --stats): mse clips, rounded to "
+                                "nearest",)
     from .images import list_images
-    from .weight_inputs import HESSIAN_IMAGES, collect_hessians
 
     t0 = time.perf_counter()
     n = min(HESSIAN_IMAGES, config.num_images) if config.num_images else HESSIAN_IMAGES
@@ -201,23 +203,24 @@ def weight_inputs(prepared, plan, config, calib, held_out, pp, seconds):
                                 list_images(calib, num_images=n, seed=config.seed, exclude=held_out), pp,
                                 batch_size=config.batch_size, threads=config.threads)
     seconds["hessians"] = round(time.perf_counter() - t0, 3)
-    return hessians, ()
+    return WeightInputs(hessians), ()
 
 
-def build(prepared, target, config, st, pp, hessians, calib, held_out, extra_float, placed_as=None) -> Built:
+def build(prepared, target, config, st, pp, rounding, calib, held_out, extra_float, placed_as=None) -> Built:
     """The model with `extra_float` ({compute node: why}) kept float, placed as the target `placed_as` (None:
     the run's own), from the same statistics: what a repair changes is placement, never calibration."""
     # another placement, with what the run's runtime accepts kept: TensorRT's parser fails on int32 biases
     placing = replace(get_target(placed_as), quantize_bias=target.quantize_bias) if placed_as else target
     plan = place(prepared, placing, config, extra_float)
-    spec = choose_spec(prepared, placing, plan, st, config, pp, hessians, extra_float)
+    t0 = time.perf_counter()
+    spec = choose_spec(prepared, placing, plan, st, config, pp, rounding, extra_float)  # GPTQ's rounding too
+    notes, seconds = (), (("choose", round(time.perf_counter() - t0, 3)),)
     out = rewrite(prepared, spec)
-    notes, seconds = (), ()
     if config.bias_correction and calib is not None:
         t0 = time.perf_counter()
         spec, note = correct_biases(prepared, spec, out, calib, pp, config, held_out)
         out = rewrite(prepared, spec) if spec.bias_shifts else out
-        notes, seconds = (note,) if note else (), (("bias_correction", round(time.perf_counter() - t0, 3)),)
+        notes, seconds = (note,) if note else (), seconds + (("bias_correction", round(time.perf_counter() - t0, 3)),)
     elif config.bias_correction:
         notes = ("bias correction skipped: it needs images (give --calib with --stats)",)
     check_output(out, prepared.source)
@@ -364,14 +367,20 @@ def _slower_than_float(result) -> tuple:
 def _check(model, prepared, target, config, pp, paths, notes):
     """The repair.Check this run's model must pass, on the runtime the target is for."""
     from .repair import Check
-    from .verify import labelled_reference, measure_agreement, measure_on_labels
+    from .verify import agreement_and_float_run, labelled_reference, measure_on_labels
 
     runtime = _check_runtime(target, notes)
     source = model if isinstance(model, (str, os.PathLike)) else prepared.source
     if config.val is None:
-        return Check(AGREEMENT, lambda m: measure_agreement(source, m, paths, pp, prepared.inputs, runtime=runtime,
-                                                            threads=config.threads, batch_size=config.batch_size),
-                     lambda a: a.map50_95, config.min_agreement)
+        runs = []  # the float model's run on `paths`: made by the first check, read by every later one
+
+        def measure(m):
+            result, run = agreement_and_float_run(source, m, paths, pp, prepared.inputs, runtime, config.threads,
+                                                  config.batch_size, runs[0] if runs else None)
+            runs[:] = [run]
+            return result
+
+        return Check(AGREEMENT, measure, lambda a: a.map50_95, config.min_agreement)
     given = dict(hw=prepared.inputs.hw, input_values=config.input_values, threads=config.threads,
                  num_images=config.val_images)
     reference = labelled_reference(source, config.val, pp, **given)

@@ -94,13 +94,31 @@ def _coco_scores(reference, candidate, sizes, num_classes):
     return 100.0 * max(float(ev.stats[0]), 0.0), 100.0 * max(float(ev.stats[1]), 0.0), len(anns)
 
 
+@dataclass(frozen=True)
+class FloatRun:
+    """The float model run once over a check's images: its outputs and time per batch and, under the family
+    they were decoded as, its detections. Later checks on the same images (the reference placement, a
+    repair's candidates) read it instead of running the float model again."""
+
+    names: tuple
+    outputs: tuple  # per batch: the output arrays, in `names` order
+    times: tuple  # seconds per batch
+    family: object  # the Family `detections` were decoded as (None: not decoded)
+    detections: tuple  # per image (boxes_xyxy, scores, classes), deploy protocol, in original pixels
+
+
 def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort", threads=None,
                       batch_size=None) -> Agreement:
     """Run the float model (onnxruntime) and the quantized one (on `runtime`) over `paths`.
 
     float_model: a path or ModelProto; quant_model: a ModelProto. inputs: model.ModelInputs."""
-    import onnx
+    return agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime, threads, batch_size)[0]
 
+
+def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime="ort", threads=None,
+                            batch_size=None, float_run: FloatRun | None = None) -> tuple:
+    """(Agreement, FloatRun): as measure_agreement; with `float_run` (from an earlier call on the same paths,
+    batch size and inputs) the float model is not run again."""
     from .backends import get_runner
     from .evaluate.families import detect_family_or_none
     from .evaluate.detect import detect_batch, image_inputs
@@ -108,44 +126,73 @@ def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort"
     from .model import save_model
 
     with tempfile.TemporaryDirectory(prefix="onnxq-verify-") as tmp:
-        if isinstance(float_model, onnx.ModelProto):
-            float_path = save_model(float_model, Path(tmp) / "float.onnx")
-        else:
-            float_path = Path(float_model)
         quant_path = save_model(quant_model, Path(tmp) / "quant.onnx")
         family = detect_family_or_none(quant_model, inputs.hw)
-        f_run = get_runner("ort", float_path, threads=threads)
+        f_run = _float_runner(float_model, tmp, threads) if float_run is None else None
         q_run = get_runner(runtime, quant_path, threads=threads)
+        names = tuple(f_run.output_names) if f_run is not None else float_run.names
+        redecode = float_run is None or float_run.family != family
         signal, noise = {}, {}
         reference, candidate, sizes = [], [], []
-        count, f_times, q_times = 0, [], []
-        for batch in iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size(batch_size)):
+        count, f_outs, f_times, q_times = 0, [], [], []  # f_outs: kept for a FloatRun of this call
+        for i, batch in enumerate(iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size(batch_size))):
             feed = {**inputs.feed(batch.images), **image_inputs(inputs, batch)}
-            t0 = time.perf_counter()
-            f_out = f_run(feed)
+            if f_run is not None:
+                t0 = time.perf_counter()
+                f_out = f_run(feed)
+                f_times.append(time.perf_counter() - t0)
+            elif i < len(float_run.outputs):
+                f_out = float_run.outputs[i]
+            else:
+                raise ValueError("float_run was made on other images or batches than this check's")
+            f_outs.append(tuple(f_out))
             t1 = time.perf_counter()
             q_out = q_run(feed)
-            f_times.append(t1 - t0)
             q_times.append(time.perf_counter() - t1)
-            for name, a, b in zip(f_run.output_names, f_out, q_out):
-                a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-                if a.shape != b.shape:
-                    continue  # a top-K list of another length: compared through its detections
-                ok = np.isfinite(a) & np.isfinite(b)
-                signal[name] = signal.get(name, 0.0) + float((a[ok] ** 2).sum())
-                noise[name] = noise.get(name, 0.0) + float(((a[ok] - b[ok]) ** 2).sum())
+            _add_sums(signal, noise, names, f_out, q_out)
             if family is not None:  # one class per box: what an application acts on
-                reference.extend(detect_batch(lambda _: f_out, family, inputs, batch, protocols=("deploy",))["deploy"])
+                if redecode:
+                    reference.extend(detect_batch(lambda _: f_out, family, inputs, batch, protocols=("deploy",))["deploy"])
                 candidate.extend(detect_batch(lambda _: q_out, family, inputs, batch, protocols=("deploy",))["deploy"])
                 sizes.extend(t.orig_hw for t in batch.transforms)
             count += len(batch.paths)
+    if float_run is not None and len(f_outs) != len(float_run.outputs):
+        raise ValueError("float_run was made on other images or batches than this check's")
+    if redecode:
+        run = FloatRun(names, tuple(f_outs), tuple(f_times) if float_run is None else float_run.times, family,
+                       tuple(reference))
+    else:
+        run, reference = float_run, list(float_run.detections)
     sqnr = {name: sqnr_from_sums(signal[name], noise[name]) for name in signal}
-    speedup = _speedup(f_times, q_times) if runtime == "ort" else None
+    speedup = _speedup(run.times, q_times) if runtime == "ort" else None
     if family is None:
-        return Agreement(count, runtime, None, None, 0, sqnr, "output layout not decoded: output SQNR only", speedup)
+        return Agreement(count, runtime, None, None, 0, sqnr, "output layout not decoded: output SQNR only",
+                         speedup), run
     map_, map50, boxes = _coco_scores(reference, candidate, sizes, family.num_classes)
     note = "" if map_ is not None else f"the float model found nothing above {REFERENCE_SCORE} on these images"
-    return Agreement(count, runtime, map_, map50, boxes, sqnr, note, speedup)
+    return Agreement(count, runtime, map_, map50, boxes, sqnr, note, speedup), run
+
+
+def _float_runner(float_model, tmp, threads):
+    import onnx
+
+    from .backends import get_runner
+    from .model import save_model
+
+    path = save_model(float_model, Path(tmp) / "float.onnx") if isinstance(float_model, onnx.ModelProto) \
+        else Path(float_model)
+    return get_runner("ort", path, threads=threads)
+
+
+def _add_sums(signal, noise, names, f_out, q_out):
+    """Per output, the float outputs' squared sum and the difference's, for its SQNR."""
+    for name, a, b in zip(names, f_out, q_out):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape:
+            continue  # a top-K list of another length: compared through its detections
+        ok = np.isfinite(a) & np.isfinite(b)
+        signal[name] = signal.get(name, 0.0) + float((a[ok] ** 2).sum())
+        noise[name] = noise.get(name, 0.0) + float(((a[ok] - b[ok]) ** 2).sum())
 
 
 def _speedup(f_times, q_times, min_batches=3):

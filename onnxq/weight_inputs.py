@@ -6,9 +6,31 @@ inputs exposed; each batch is folded into a fixed-size sum per conv
 so memory does not grow with the number of images.
 """
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 HESSIAN_IMAGES = 32  # images for the Hessians: as many as bias correction reads
+
+
+@dataclass(frozen=True)
+class WeightInputs:
+    """What the weight stage hands every build of a run: GPTQ's input Hessians ({conv node: H}, empty for
+    other rounding), and the layers' rounded weights as they are made. Rounding is a function of the
+    weight, its Hessian, the bits and the scale floor alone, so a repair's builds round each layer once."""
+
+    hessians: dict = field(default_factory=dict)
+    _rounded: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def weight_params(self, node_name, weight_name, w, axis, bits, min_scale, method):
+        """ranges.weight_params for this node, with its Hessian; the same result for the same arguments."""
+        from .ranges import weight_params
+
+        key = (node_name, bits, method, None if min_scale is None else np.asarray(min_scale).tobytes())
+        if key not in self._rounded:
+            self._rounded[key] = weight_params(weight_name, w, axis, bits, min_scale, method,
+                                               self.hessians.get(node_name))
+        return self._rounded[key]
 
 
 def collect_hessians(prepared, node_names, paths, pp, batch_size=None, threads=None, progress=None) -> dict:

@@ -7,7 +7,7 @@ as q * scale.
 - `mse_scales` picks, per channel, the clip below absmax whose scale minimises the exact squared
   rounding error of that channel's weights, over a fixed grid of candidate clips.
 - `HessianAccumulator` collects H = 2 X X^T / n of a Conv's input (X: the im2col columns of the
-  sampled output positions), per group, in float64 and constant memory.
+  sampled output positions), per group, float32 products summed in float64, in constant memory.
 - `gptq_quantize` rounds the columns of W = weight.reshape(C_out, -1) one at a time and spreads each
   column's rounding error over the columns not yet rounded (GPTQ, Frantar et al. 2022, after OBQ),
   with the scales fixed beforehand.
@@ -153,15 +153,14 @@ def im2col(x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1))
 
 
 class HessianAccumulator:
-    """H = 2 X X^T / n of one 2-D Conv, per group, accumulated over batches in constant memory.
+    """H = 2 X X^T / n of one 2-D Conv, per group, accumulated over batches in constant memory
+    (float32 products of at most `max_rows` positions per `add`, float64 sums).
 
     Each `add(x)` samples at most `max_rows` output positions of the batch (all of them when there
     are no more), from a generator seeded once, so the same batches in the same order give the same H.
     A position whose window holds NaN or Inf is skipped (counted in `skipped`). Depthwise convs are
     the case C_in/group == 1: H is then per channel, kh*kw x kh*kw.
     """
-
-    _CHUNK = 1024  # positions cast to float64 at a time: bounds the temporary copy
 
     def __init__(self, weight_shape, kernel_shape=None, strides=None, pads=None, dilations=None, group=1,
                  auto_pad="NOTSET", max_rows=4096, seed=0):
@@ -218,31 +217,52 @@ class HessianAccumulator:
 
     def add(self, x):
         """Accumulate a batch of the conv's input activations [N, C_in, H, W]."""
-        v = self.windows(x)
-        n, _, oh, ow = v.shape[:4]
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != self.c_in:
+            raise ValueError(f"expected an input [N, {self.c_in}, H, W], got shape {x.shape}")
+        pt, pl, pb, pr = self._pads_for(x.shape[2:])
+        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if pt or pl or pb or pr else x
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_shape, self.strides, self.dilations
+        n, c, hp, wp = xp.shape
+        oh, ow = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
+        if oh < 1 or ow < 1:
+            raise ValueError(f"input {xp.shape[2:]} (padded) smaller than the kernel extent")
         total = n * oh * ow
         if total == 0:
             return
         if total > self.max_rows:
             # sorted: gathers walk memory forwards
             pos = np.sort(self._rng.choice(total, size=self.max_rows, replace=False))
-        else:
-            pos = np.arange(total)
-        for start in range(0, len(pos), self._CHUNK):
-            p = pos[start:start + self._CHUNK]
-            ni, rest = np.divmod(p, oh * ow)
+            ni, rest = np.divmod(pos, oh * ow)
             hi, wi = np.divmod(rest, ow)
-            rows = v[ni, :, hi, wi]  # advanced indices around a slice: [m, C_in, kh, kw]
-            rows = rows.reshape(len(p), self.group, self.cols)
-            finite = np.isfinite(rows).all(axis=(1, 2))
-            if not finite.all():
-                self.skipped += int(np.count_nonzero(~finite))
-                rows = rows[finite]
-            if not len(rows):
-                continue
-            xg = np.ascontiguousarray(rows.transpose(1, 2, 0), dtype=np.float64)  # [G, K, m]
-            self._sum += xg @ xg.transpose(0, 2, 1)
-            self.n += len(rows)
+            flat = xp.reshape(n, c, hp * wp)
+            cols = np.empty((c, kh, kw, len(pos)), dtype=np.float32)
+            for i in range(kh):
+                for j in range(kw):
+                    at = (hi * sh + i * dh) * wp + wi * sw + j * dw
+                    cols[:, i, j] = flat[0][:, at] if n == 1 else flat[ni, :, at].T
+        else:
+            # every position: kh * kw strided copies instead of a gather
+            cols = np.empty((c, kh, kw, n, oh, ow), dtype=np.float32)
+            for i in range(kh):
+                for j in range(kw):
+                    cols[:, i, j] = xp[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh,
+                                       j * dw:j * dw + sw * (ow - 1) + 1:sw].transpose(1, 0, 2, 3)
+        cols = cols.reshape(self.group, self.cols, -1)  # [G, K, m], columns in weight order (c, i, j)
+        if not np.isfinite(cols).all():
+            finite = np.isfinite(cols).all(axis=(0, 1))
+            self.skipped += int(np.count_nonzero(~finite))
+            cols = np.ascontiguousarray(cols[:, :, finite])
+        if not cols.shape[2]:
+            return
+        # float32 products over at most max_rows positions (relative error ~1e-7), summed in float64:
+        # 2-3x faster than float64 products on the same rows
+        if self.cols >= 32:
+            for g in range(self.group):
+                self._sum[g] += cols[g] @ cols[g].T
+        else:
+            self._sum += cols @ cols.transpose(0, 2, 1)
+        self.n += cols.shape[2]
 
     def hessian(self):
         """2 X X^T / n per group: float64 [group, K, K], K = C_in/group * kh * kw."""
@@ -292,13 +312,26 @@ def rtn_quantize(w, scale, bits) -> np.ndarray:
     return _quant_cols(w.astype(np.float64), np.broadcast_to(s, w.shape), qmax).astype(np.int8)
 
 
+def _lower_tri_inverse(L):
+    """Inverse of lower-triangular L [..., K, K] by 2 x 2 block recursion: matmuls, not an LU solve."""
+    k = L.shape[-1]
+    if k <= 128:
+        return np.linalg.solve(L, np.broadcast_to(np.eye(k), L.shape))
+    h = k // 2
+    a, c = _lower_tri_inverse(L[..., :h, :h]), _lower_tri_inverse(L[..., h:, h:])
+    out = np.zeros_like(L)
+    out[..., :h, :h], out[..., h:, h:] = a, c
+    out[..., h:, :h] = -c @ (L[..., h:, :h] @ a)
+    return out
+
+
 def _upper_chol_inverse(H):
-    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), batched over the first axis."""
-    L = np.linalg.cholesky(H)
-    eye = np.broadcast_to(np.eye(H.shape[-1]), H.shape)
-    Linv = np.linalg.solve(L, eye)
-    Hinv = Linv.transpose(0, 2, 1) @ Linv
-    return np.linalg.cholesky(Hinv).transpose(0, 2, 1)
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), batched over the first axis.
+
+    With J the reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper
+    triangular: one Cholesky and one triangular inverse instead of two and a full inverse."""
+    L = np.linalg.cholesky(H[:, ::-1, ::-1])
+    return np.ascontiguousarray(_lower_tri_inverse(L)[:, ::-1, ::-1])
 
 
 def gptq_quantize(w, H, scale, bits, percdamp=0.01, block=128, act_order=False) -> np.ndarray:

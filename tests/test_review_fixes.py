@@ -107,11 +107,12 @@ def test_repair_moving_a_tensorrt_model_to_qyolos_placement_keeps_its_biases_flo
     on: a --target tensorrt model repaired by moving placement must keep its biases float."""
     calls = []
 
-    def fake_verify(float_model, out, paths, pp, inputs, runtime="ort", threads=None, batch_size=None):
+    def fake_verify(float_model, out, paths, pp, inputs, runtime="ort", threads=None, batch_size=None,
+                    float_run=None):
         calls.append(out)  # the target's own placement agrees badly, qyolo's well
-        return Agreement(len(paths), "ort", 10.0 if len(calls) == 1 else 95.0, 10.0, 5, {})
+        return Agreement(len(paths), "ort", 10.0 if len(calls) == 1 else 95.0, 10.0, 5, {}), None
 
-    monkeypatch.setattr(verify_module, "measure_agreement", fake_verify)
+    monkeypatch.setattr(verify_module, "agreement_and_float_run", fake_verify)
     q, report = api.quantize_with_report(_biased_model(), CALIB_DIR / "images", target="tensorrt", num_images=2,
                                          bias_correction=0, verify=CALIB_DIR / "images", verify_images=1)
     assert report.repair is not None and report.repair.placement == "qyolo"
@@ -175,12 +176,13 @@ def test_a_repaired_model_still_says_it_was_verified_on_onnxruntime_where_openvi
 
     calls = []
 
-    def fake_agreement(source, out, paths, pp, inputs, runtime="ort", threads=None, batch_size=None):
+    def fake_agreement(source, out, paths, pp, inputs, runtime="ort", threads=None, batch_size=None,
+                       float_run=None):
         calls.append(runtime)
-        return Agreement(len(paths), runtime, 10.0 if len(calls) == 1 else 95.0, 10.0, 5, {})
+        return Agreement(len(paths), runtime, 10.0 if len(calls) == 1 else 95.0, 10.0, 5, {}), None
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino: ImportError
-    monkeypatch.setattr(verify, "measure_agreement", fake_agreement)
+    monkeypatch.setattr(verify, "agreement_and_float_run", fake_agreement)
     _, report = api.quantize_with_report(_biased_model(), CALIB_DIR / "images", target="openvino", num_images=2,
                                          bias_correction=0, verify=CALIB_DIR / "images", verify_images=1)
     assert set(calls) == {"ort"} and report.repair is not None and report.repair.placement == "qyolo"

@@ -11,7 +11,7 @@ from onnxq.api import quantize_with_report
 from onnxq.images import hold_out, list_images
 from onnxq.model import find_inputs
 from onnxq.preprocess import PRESETS
-from onnxq.verify import measure_agreement
+from onnxq.verify import agreement_and_float_run, measure_agreement
 
 YOLOV5N = MODELS_DIR / "yolov5n_v6.1_640.onnx"
 
@@ -64,6 +64,24 @@ def test_a_damaged_model_is_caught(yolov5n_w8a8):
     assert clean.map50_95 == pytest.approx(report.agreement.map50_95)
     assert broken.map50_95 < clean.map50_95 - 10.0
     assert min(broken.output_sqnr_db.values()) < min(clean.output_sqnr_db.values()) - 3.0
+
+
+def test_a_later_check_reads_the_float_models_first_run(yolov5n_w8a8, tmp_path):
+    """The reference placement and a repair's candidates reuse the float model's run on the same images:
+    the same figures as a fresh run, with the float model no longer there to run."""
+    q, report = yolov5n_w8a8
+    paths = hold_out(list_images(CALIB_DIR / "images"), 8)
+    inputs = find_inputs(q)
+    broken = _damaged(q)
+    first, run = agreement_and_float_run(YOLOV5N, q, paths, report.preprocess, inputs)
+    fresh = measure_agreement(YOLOV5N, broken, paths, report.preprocess, inputs)
+    reused, again = agreement_and_float_run(tmp_path / "gone.onnx", broken, paths, report.preprocess, inputs,
+                                            float_run=run)
+    assert len(run.outputs) == 8 and again is run  # one image per run: yolov5n's batch is fixed at 1
+    assert reused.map50_95 == fresh.map50_95 < first.map50_95 - 10.0
+    assert reused.output_sqnr_db == fresh.output_sqnr_db and reused.reference_boxes == fresh.reference_boxes
+    with pytest.raises(ValueError, match="other images"):
+        agreement_and_float_run(tmp_path / "gone.onnx", q, paths[:4], report.preprocess, inputs, float_run=run)
 
 
 def test_a_wrong_preprocessing_is_caught():

@@ -25,13 +25,17 @@ def test_gptq_agrees_better_with_the_float_model_than_rounding_to_nearest(w4):
     assert "hessians" in gptq.seconds and "hessians" not in minmax.seconds
 
 
-def test_gptq_stores_weights_on_the_layers_grid_and_says_so(w4):
+def test_gptq_stores_weights_on_the_layers_grid_and_says_so(w4, capsys):
     import numpy as np
     import onnx
+
+    from onnxq.commands.quantize import print_summary
 
     q, report = w4["gptq"]
     meta = {p.key: p.value for p in q.metadata_props}
     assert meta["onnxq.weights"] == "gptq" and report.to_json()["weight_rounding"] == "gptq"
+    print_summary(report, "out.onnx")
+    assert "weights (gptq, per channel)" in capsys.readouterr().out
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
     stored = [inits[n.input[0]] for n in q.graph.node if n.op_type == "DequantizeLinear"
               and n.input[0] in inits and inits[n.input[0]].dtype == np.int8 and inits[n.input[0]].ndim == 4]

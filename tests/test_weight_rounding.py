@@ -141,7 +141,7 @@ def test_hessian_1x1_equals_direct():
     X = np.concatenate([x.transpose(1, 0, 2, 3).reshape(4, -1) for x in xs], axis=1).astype(np.float64)
     H = acc.hessian()
     assert H.shape == (1, 4, 4) and acc.n == X.shape[1]
-    np.testing.assert_allclose(H[0], 2 * X @ X.T / X.shape[1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(H[0], 2 * X @ X.T / X.shape[1], rtol=1e-5, atol=1e-6)  # float32 products
 
 
 def test_hessian_3x3_stride2_padded_equals_im2col():
@@ -151,7 +151,7 @@ def test_hessian_3x3_stride2_padded_equals_im2col():
     x = rng.normal(size=(2, 3, 7, 6)).astype(np.float32)
     acc.add(x)
     rows = _loop_im2col(x, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1)).astype(np.float64)
-    np.testing.assert_allclose(acc.hessian()[0], 2 * rows.T @ rows / len(rows), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(acc.hessian()[0], 2 * rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)  # float32 products
 
 
 def test_hessian_depthwise_and_grouped():
@@ -168,7 +168,7 @@ def test_hessian_depthwise_and_grouped():
         assert H.shape == (group, k, k)
         for g in range(group):
             r = rows[:, g * k:(g + 1) * k]
-            np.testing.assert_allclose(H[g], 2 * r.T @ r / len(r), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(H[g], 2 * r.T @ r / len(r), rtol=1e-5, atol=1e-6)  # float32 products
 
 
 def test_hessian_auto_pad_same_upper():
@@ -383,7 +383,7 @@ def test_layer_error_is_output_error():
     X = x.transpose(1, 0, 2, 3).reshape(4, -1).astype(np.float64)
     E = (w.astype(np.float64) - wq).reshape(5, 4)
     direct = 2 * np.sum((E @ X) ** 2) / X.shape[1]
-    assert wr.layer_error(w, wq, acc.hessian()) == pytest.approx(direct, rel=1e-10)
+    assert wr.layer_error(w, wq, acc.hessian()) == pytest.approx(direct, rel=1e-5)  # H from float32 products
 
 
 def test_gptq_zero_scale_and_bad_shapes():

@@ -139,7 +139,7 @@ def print_summary(report, output):
                      f"{min(c.clip_ratio for c in choices):.3f}",
                      f"{max(c.mse for c in choices if c.mse == c.mse):.2e}"])
     seven_bit = sum(1 for w in report.weights if w["bits"] < cfg.w_bits)
-    rows.append(["weights (minmax, per channel)", len(report.weights) - seven_bit, "-", "-", "-"])
+    rows.append([f"weights ({cfg.weights}, per channel)", len(report.weights) - seven_bit, "-", "-", "-"])
     if seven_bit:
         rows.append([f"weights (7-bit: --overflow-fix {report.overflow_fix})", seven_bit, "-", "-", "-"])
     rows.append(["float compute ops", len(report.float_nodes), "-", "-", "-"])
