@@ -152,6 +152,11 @@ def im2col(x, kernel_shape, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1))
     return v.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
 
 
+# positions sampled per add (per image, as weight_inputs feeds it): 1024 keep GPTQ's layer error on held-out
+# images (bench/hessian_rows.py) but not yolov5n's W4A8 mAP (README: What verification and GPTQ cost)
+MAX_ROWS = 4096
+
+
 class HessianAccumulator:
     """H = 2 X X^T / n of one 2-D Conv, per group, accumulated over batches in constant memory
     (float32 products of at most `max_rows` positions per `add`, float64 sums).
@@ -163,7 +168,7 @@ class HessianAccumulator:
     """
 
     def __init__(self, weight_shape, kernel_shape=None, strides=None, pads=None, dilations=None, group=1,
-                 auto_pad="NOTSET", max_rows=4096, seed=0):
+                 auto_pad="NOTSET", max_rows=MAX_ROWS, seed=0):
         weight_shape = tuple(int(d) for d in weight_shape)
         if len(weight_shape) != 4:
             raise ValueError(f"only 2-D Conv weights [C_out, C_in/group, kh, kw] are handled, got {weight_shape}")
