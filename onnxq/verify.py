@@ -10,7 +10,7 @@ is, and the result says so.
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,9 @@ from .compare import sqnr_from_sums
 
 # Float detections above this score are what an application would act on: they are the reference.
 REFERENCE_SCORE = 0.25
+# float outputs kept for later checks at most (yolov5n's 32 images of [1, 25200, 85] would be 275 MB: it
+# runs again instead)
+FLOAT_RUN_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class FloatRun:
     repair's candidates) read it instead of running the float model again."""
 
     names: tuple
-    outputs: tuple  # per batch: the output arrays, in `names` order
+    outputs: tuple | None  # per batch: the output arrays, in `names` order (None: over FLOAT_RUN_BYTES, not kept)
     times: tuple  # seconds per batch
     family: object  # the Family `detections` were decoded as (None: not decoded)
     detections: tuple  # per image (boxes_xyxy, scores, classes), deploy protocol, in original pixels
@@ -125,6 +128,8 @@ def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime
     from .images import iter_batches
     from .model import save_model
 
+    if float_run is not None and float_run.outputs is None:
+        float_run = None  # its outputs were too large to keep: the float model runs again
     with tempfile.TemporaryDirectory(prefix="onnxq-verify-") as tmp:
         quant_path = save_model(quant_model, Path(tmp) / "quant.onnx")
         family = detect_family_or_none(quant_model, inputs.hw)
@@ -134,18 +139,24 @@ def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime
         redecode = float_run is None or float_run.family != family
         signal, noise = {}, {}
         reference, candidate, sizes = [], [], []
-        count, f_outs, f_times, q_times = 0, [], [], []  # f_outs: kept for a FloatRun of this call
-        for i, batch in enumerate(iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size(batch_size))):
+        count, batches, f_times, q_times = 0, 0, [], []
+        kept, kept_bytes = [], 0  # this call's float outputs, for the FloatRun it returns
+        for batch in iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size(batch_size)):
             feed = {**inputs.feed(batch.images), **image_inputs(inputs, batch)}
             if f_run is not None:
                 t0 = time.perf_counter()
                 f_out = f_run(feed)
                 f_times.append(time.perf_counter() - t0)
-            elif i < len(float_run.outputs):
-                f_out = float_run.outputs[i]
+                kept_bytes += sum(np.asarray(a).nbytes for a in f_out)
+                if kept_bytes > FLOAT_RUN_BYTES:
+                    kept = None
+                elif kept is not None:
+                    kept.append(tuple(f_out))
+            elif batches < len(float_run.outputs):
+                f_out = float_run.outputs[batches]
             else:
                 raise ValueError("float_run was made on other images or batches than this check's")
-            f_outs.append(tuple(f_out))
+            batches += 1
             t1 = time.perf_counter()
             q_out = q_run(feed)
             q_times.append(time.perf_counter() - t1)
@@ -156,11 +167,12 @@ def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime
                 candidate.extend(detect_batch(lambda _: q_out, family, inputs, batch, protocols=("deploy",))["deploy"])
                 sizes.extend(t.orig_hw for t in batch.transforms)
             count += len(batch.paths)
-    if float_run is not None and len(f_outs) != len(float_run.outputs):
+    if float_run is not None and batches != len(float_run.outputs):
         raise ValueError("float_run was made on other images or batches than this check's")
-    if redecode:
-        run = FloatRun(names, tuple(f_outs), tuple(f_times) if float_run is None else float_run.times, family,
-                       tuple(reference))
+    if float_run is None:
+        run = FloatRun(names, None if kept is None else tuple(kept), tuple(f_times), family, tuple(reference))
+    elif redecode:
+        run = replace(float_run, family=family, detections=tuple(reference))
     else:
         run, reference = float_run, list(float_run.detections)
     sqnr = {name: sqnr_from_sums(signal[name], noise[name]) for name in signal}

@@ -84,6 +84,20 @@ def test_a_later_check_reads_the_float_models_first_run(yolov5n_w8a8, tmp_path):
         agreement_and_float_run(tmp_path / "gone.onnx", q, paths[:4], report.preprocess, inputs, float_run=run)
 
 
+def test_float_outputs_over_the_budget_are_not_kept_and_the_float_model_runs_again(yolov5n_w8a8, monkeypatch):
+    import onnxq.verify as verify
+
+    q, report = yolov5n_w8a8
+    paths = hold_out(list_images(CALIB_DIR / "images"), 8)[:3]
+    inputs = find_inputs(q)
+    monkeypatch.setattr(verify, "FLOAT_RUN_BYTES", 2 * 25200 * 85 * 4)  # two of yolov5n's outputs
+    first, run = agreement_and_float_run(YOLOV5N, q, paths, report.preprocess, inputs)
+    assert run.outputs is None and len(run.times) == 3
+    again, rerun = agreement_and_float_run(YOLOV5N, _damaged(q), paths, report.preprocess, inputs, float_run=run)
+    assert rerun is not run and again.map50_95 == measure_agreement(YOLOV5N, _damaged(q), paths, report.preprocess,
+                                                                    inputs).map50_95
+
+
 def test_a_wrong_preprocessing_is_caught():
     """Calibrated on BGR 0-255 pixels, yolov5n's ranges are far off the RGB /255 inputs it really reads."""
     q, report = quantize_with_report(YOLOV5N, CALIB_DIR / "images", num_images=8, bias_correction=0,
