@@ -143,18 +143,14 @@ def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime
         signal, noise = {}, {}
         reference, candidate, sizes = [], [], []
         count, batches, f_times, q_times = 0, 0, [], []
-        kept, kept_bytes = [], 0  # this call's float outputs, for the FloatRun it returns
+        kept = _Kept(math.ceil(len(paths) / inputs.batch_size(batch_size)))  # for the FloatRun it returns
         for batch in iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size(batch_size)):
             feed = {**inputs.feed(batch.images), **image_inputs(inputs, batch)}
             if f_run is not None:
                 t0 = time.perf_counter()
                 f_out = f_run(feed)
                 f_times.append(time.perf_counter() - t0)
-                kept_bytes += sum(np.asarray(a).nbytes for a in f_out)
-                if kept_bytes > FLOAT_RUN_BYTES:
-                    kept = None
-                elif kept is not None:
-                    kept.append(tuple(f_out))
+                kept.add(f_out)
             elif batches < len(float_run.outputs):
                 f_out = float_run.outputs[batches]
             else:
@@ -173,7 +169,7 @@ def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime
     if float_run is not None and batches != len(float_run.outputs):
         raise ValueError("float_run was made on other images or batches than this check's")
     if float_run is None:
-        run = FloatRun(names, None if kept is None else tuple(kept), tuple(f_times), family, tuple(reference))
+        run = FloatRun(names, kept.outputs(), tuple(f_times), family, tuple(reference))
     elif redecode:
         run = replace(float_run, family=family, detections=tuple(reference))
     else:
@@ -186,6 +182,26 @@ def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime
     map_, map50, boxes = _coco_scores(reference, candidate, sizes, family.num_classes)
     note = "" if map_ is not None else f"the float model found nothing above {REFERENCE_SCORE} on these images"
     return Agreement(count, runtime, map_, map50, boxes, sqnr, note, speedup), run
+
+
+class _Kept:
+    """A check's float outputs, kept for later checks where all of them fit FLOAT_RUN_BYTES."""
+
+    def __init__(self, batches):
+        self.batches, self.kept, self.bytes = batches, [], 0
+
+    def add(self, outputs):
+        if self.kept is None:
+            return
+        self.bytes += sum(np.asarray(a).nbytes for a in outputs)
+        # judged from the first batch, so that outputs over the budget are never held at all
+        if self.bytes * (1 if self.kept else self.batches) > FLOAT_RUN_BYTES:
+            self.kept = None
+        else:
+            self.kept.append(tuple(outputs))
+
+    def outputs(self):
+        return None if self.kept is None else tuple(self.kept)
 
 
 def _float_runner(float_model, tmp, threads):
