@@ -107,6 +107,7 @@ def quantize_with_report(model, calib, stats, config, on_skip=None):
     builder = functools.partial(build, prepared, target, config, observed.stats, observed.preprocess, rounding,
                                 calib, held_out)
     built = builder({})
+    seconds.update(dict(built.seconds))  # the first build's: a repair's builds count in "verify"
     agreement = labelled = repair = None
     if verify_paths:
         t_verify = time.perf_counter()
@@ -121,7 +122,6 @@ def quantize_with_report(model, calib, stats, config, on_skip=None):
             agreement = replace(result, note=", ".join(n for n in (result.note, "on calibration images") if n))
         else:
             agreement = result
-    seconds.update(dict(built.seconds))
     seconds["total"] = round(time.perf_counter() - t0, 3)
     facts = RunFacts(observed.preprocess, observed.preprocess_source, observed.stats.num_images, observed.skipped,
                      tuple(prepared.inputs.notes) + observed.notes + built.notes + notes

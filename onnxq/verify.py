@@ -34,7 +34,8 @@ class Agreement:
     output_sqnr_db: dict = field(default_factory=dict)  # output name -> dB
     note: str = ""
     # the float model's median time per batch over the quantized model's, both on onnxruntime here (None where
-    # the quantized model runs on another runtime, or too few batches ran to time)
+    # the quantized model runs on another runtime, or too few batches ran to time); the float model is timed
+    # in a run's first check (FloatRun)
     speedup: float | None = None
     # the agreement of REFERENCE_PLACEMENT's model from the same statistics, where it was measured:
     # {"placement", "map50_95"}
