@@ -199,11 +199,19 @@ def weight_inputs(prepared, plan, config, calib, held_out, pp, seconds):
 
     t0 = time.perf_counter()
     n = min(HESSIAN_IMAGES, config.num_images) if config.num_images else HESSIAN_IMAGES
-    hessians = collect_hessians(prepared, set(plan.weights),
-                                list_images(calib, num_images=n, seed=config.seed, exclude=held_out), pp,
-                                batch_size=config.batch_size, threads=config.threads)
+    paths = list_images(calib, num_images=n, seed=config.seed, exclude=held_out)
+    with _bar(config, len(paths), "input Hessians (GPTQ)") as bar:
+        hessians = collect_hessians(prepared, set(plan.weights), paths, pp, batch_size=config.batch_size,
+                                    threads=config.threads, progress=bar.update)
     seconds["hessians"] = round(time.perf_counter() - t0, 3)
     return WeightInputs(hessians), ()
+
+
+def _bar(config, total, desc):
+    """A progress bar over `total` images on stderr, shown where config.progress asks for it."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not config.progress, leave=False)
 
 
 def build(prepared, target, config, st, pp, rounding, calib, held_out, extra_float, placed_as=None) -> Built:
@@ -375,8 +383,9 @@ def _check(model, prepared, target, config, pp, paths, notes):
         runs = []  # the float model's run on `paths`: made by the first check, read by every later one
 
         def measure(m):
-            result, run = agreement_and_float_run(source, m, paths, pp, prepared.inputs, runtime, config.threads,
-                                                  config.batch_size, runs[0] if runs else None)
+            with _bar(config, len(paths), "checking against the float model") as bar:
+                result, run = agreement_and_float_run(source, m, paths, pp, prepared.inputs, runtime, config.threads,
+                                                      config.batch_size, runs[0] if runs else None, bar.update)
             runs[:] = [run]
             return result
 

@@ -123,9 +123,9 @@ def measure_agreement(float_model, quant_model, paths, pp, inputs, runtime="ort"
 
 
 def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime="ort", threads=None,
-                            batch_size=None, float_run: FloatRun | None = None) -> tuple:
+                            batch_size=None, float_run: FloatRun | None = None, progress=None) -> tuple:
     """(Agreement, FloatRun): as measure_agreement; with `float_run` (from an earlier call on the same paths,
-    batch size and inputs) the float model is not run again."""
+    batch size and inputs) the float model is not run again. progress: called with each batch's image count."""
     from .backends import get_runner
     from .evaluate.families import detect_family_or_none
     from .evaluate.detect import detect_batch, image_inputs
@@ -167,6 +167,8 @@ def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime
                 candidate.extend(detect_batch(lambda _: q_out, family, inputs, batch, protocols=("deploy",))["deploy"])
                 sizes.extend(t.orig_hw for t in batch.transforms)
             count += len(batch.paths)
+            if progress is not None:
+                progress(len(batch.paths))
     if float_run is not None and batches != len(float_run.outputs):
         raise ValueError("float_run was made on other images or batches than this check's")
     if float_run is None:

@@ -108,7 +108,7 @@ def test_repair_moving_a_tensorrt_model_to_qyolos_placement_keeps_its_biases_flo
     calls = []
 
     def fake_verify(float_model, out, paths, pp, inputs, runtime="ort", threads=None, batch_size=None,
-                    float_run=None):
+                    float_run=None, progress=None):
         calls.append(out)  # the target's own placement agrees badly, qyolo's well
         return Agreement(len(paths), "ort", 10.0 if len(calls) == 1 else 95.0, 10.0, 5, {}), None
 
@@ -177,7 +177,7 @@ def test_a_repaired_model_still_says_it_was_verified_on_onnxruntime_where_openvi
     calls = []
 
     def fake_agreement(source, out, paths, pp, inputs, runtime="ort", threads=None, batch_size=None,
-                       float_run=None):
+                       float_run=None, progress=None):
         calls.append(runtime)
         return Agreement(len(paths), runtime, 10.0 if len(calls) == 1 else 95.0, 10.0, 5, {}), None
 

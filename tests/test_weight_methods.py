@@ -53,3 +53,10 @@ def test_the_default_below_8_bits_is_gptq_and_minmax_at_8():
 
     _, r8 = qwr(NANODET, CALIB_DIR / "images", num_images=4, bias_correction=0, verify=False)
     assert r8.config.weights == "minmax"
+
+
+def test_the_hessians_and_the_check_show_progress(capsys):
+    quantize_with_report(MODELS_DIR / "fastestdet_352.onnx", CALIB_DIR / "images", w_bits=4, a_bits=8, num_images=8,
+                         bias_correction=0, verify_images=4, repair=False, progress=True)
+    err = capsys.readouterr().err
+    assert "calibrating" in err and "input Hessians (GPTQ)" in err and "checking against the float model" in err
