@@ -108,7 +108,8 @@ def main():
     ap.add_argument("--weights", nargs="+", default=["minmax", "gptq"], choices=["minmax", "mse", "gptq"],
                     help="weight rounding of the rows below 8 bits (one row each)")
     ap.add_argument("--default-row", action="store_true",
-                    help="only FP32 and the default command (ort target, its own calibration, verify and repair on)")
+                    help="only FP32 and the default command (ort target, its own calibration, verify and repair on), "
+                         "at each of W8A8 and W4A8 that --bits names")
     ap.add_argument("--peers-only", action="store_true", help="FP32 and the peers only")
     ap.add_argument("--json", default=None, help="default results/accuracy.json (accuracy_quick.json with --quick)")
     ap.add_argument("--plot", default=str(C.RESULTS / "accuracy.png"))
@@ -177,7 +178,11 @@ def main():
                                 dict(method="uh", target="openvino", symmetric=True, row="openvino-symmetric")))
         configs = [(label, opts) for label, opts in configs if opts.get("row", opts["target"]) in args.targets]
         if args.default_row:  # what `onnxq quantize in.onnx out.onnx --calib DIR` writes: verify and repair on
-            configs = [("onnxq default (ort, verify + repair)", dict(target="ort", default=True))]
+            configs = [("onnxq default (ort, verify + repair)", dict(target="ort", default=True))] \
+                if "W8A8" in args.bits else []
+            if "W4A8" in args.bits:  # `--bits W4A8` alone: GPTQ weights, the ort target, verify and repair
+                configs.append(("onnxq default W4A8 (ort, verify + repair)",
+                                dict(target="ort", default=True, w_bits=4, a_bits=8)))
         if args.peers_only:
             configs = []
         pp = None
