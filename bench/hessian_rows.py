@@ -28,17 +28,10 @@ import _common as C  # noqa: E402
 
 
 def _collect(prepared, names, paths, pp, rows):
-    import onnxq.weight_rounding as wr
     from onnxq.weight_inputs import collect_hessians
 
-    original = wr.HessianAccumulator.from_attrs
-    wr.HessianAccumulator.from_attrs = classmethod(
-        lambda cls, attrs, shape, **kw: original.__func__(cls, attrs, shape, **{**kw, "max_rows": rows}))
-    try:
-        t0 = time.perf_counter()
-        return collect_hessians(prepared, names, paths, pp), time.perf_counter() - t0
-    finally:
-        wr.HessianAccumulator.from_attrs = original
+    t0 = time.perf_counter()
+    return collect_hessians(prepared, names, paths, pp, max_rows=rows), time.perf_counter() - t0
 
 
 def measure(key, rows_list, bits):

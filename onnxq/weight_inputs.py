@@ -33,11 +33,13 @@ class WeightInputs:
         return self._rounded[key]
 
 
-def collect_hessians(prepared, node_names, paths, pp, batch_size=None, threads=None, progress=None) -> dict:
-    """{conv node name: per-group H} for the 2-D Convs among `node_names`, from the float model's inputs."""
+def collect_hessians(prepared, node_names, paths, pp, batch_size=None, threads=None, progress=None,
+                     max_rows=None) -> dict:
+    """{conv node name: per-group H} for the 2-D Convs among `node_names`, from the float model's inputs;
+    max_rows: positions sampled per image (None: weight_rounding.MAX_ROWS)."""
     from .calibrate import make_session, model_with_outputs
     from .images import iter_batches
-    from .weight_rounding import HessianAccumulator
+    from .weight_rounding import MAX_ROWS, HessianAccumulator
 
     convs = [n for n in prepared.graph.nodes if n.name in node_names and n.op == "Conv"
              and getattr(n.inputs[1], "values", None) is not None and n.inputs[1].values.ndim == 4]
@@ -46,7 +48,8 @@ def collect_hessians(prepared, node_names, paths, pp, batch_size=None, threads=N
     graph_inputs = {t.name for t in prepared.graph.inputs}
     exposed = sorted({n.inputs[0].name for n in convs} - graph_inputs)
     session = make_session(model_with_outputs(prepared.model, exposed), threads) if exposed else None
-    accumulators = {n.name: HessianAccumulator.from_attrs(n.attrs, n.inputs[1].values.shape) for n in convs}
+    accumulators = {n.name: HessianAccumulator.from_attrs(n.attrs, n.inputs[1].values.shape,
+                                                          max_rows=max_rows or MAX_ROWS) for n in convs}
     for batch in iter_batches(paths, prepared.inputs.hw, pp, batch_size=prepared.inputs.batch_size(batch_size)):
         feed = prepared.inputs.feed(batch.images)
         values = dict(feed)

@@ -222,16 +222,8 @@ class HessianAccumulator:
 
     def add(self, x):
         """Accumulate a batch of the conv's input activations [N, C_in, H, W]."""
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != self.c_in:
-            raise ValueError(f"expected an input [N, {self.c_in}, H, W], got shape {x.shape}")
-        pt, pl, pb, pr = self._pads_for(x.shape[2:])
-        xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if pt or pl or pb or pr else x
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_shape, self.strides, self.dilations
-        n, c, hp, wp = xp.shape
-        oh, ow = (hp - (kh - 1) * dh - 1) // sh + 1, (wp - (kw - 1) * dw - 1) // sw + 1
-        if oh < 1 or ow < 1:
-            raise ValueError(f"input {xp.shape[2:]} (padded) smaller than the kernel extent")
+        v = self.windows(x)  # [N, C, OH, OW, kh, kw], a view
+        n, c, oh, ow, kh, kw = v.shape
         total = n * oh * ow
         if total == 0:
             return
@@ -240,19 +232,12 @@ class HessianAccumulator:
             pos = np.sort(self._rng.choice(total, size=self.max_rows, replace=False))
             ni, rest = np.divmod(pos, oh * ow)
             hi, wi = np.divmod(rest, ow)
-            flat = xp.reshape(n, c, hp * wp)
             cols = np.empty((c, kh, kw, len(pos)), dtype=np.float32)
-            for i in range(kh):
+            for i in range(kh):  # one gather per kernel offset: [C, m] each
                 for j in range(kw):
-                    at = (hi * sh + i * dh) * wp + wi * sw + j * dw
-                    cols[:, i, j] = flat[0][:, at] if n == 1 else flat[ni, :, at].T
+                    cols[:, i, j] = v[0][:, hi, wi, i, j] if n == 1 else v[ni, :, hi, wi, i, j].T
         else:
-            # every position: kh * kw strided copies instead of a gather
-            cols = np.empty((c, kh, kw, n, oh, ow), dtype=np.float32)
-            for i in range(kh):
-                for j in range(kw):
-                    cols[:, i, j] = xp[:, :, i * dh:i * dh + sh * (oh - 1) + 1:sh,
-                                       j * dw:j * dw + sw * (ow - 1) + 1:sw].transpose(1, 0, 2, 3)
+            cols = np.ascontiguousarray(v.transpose(1, 4, 5, 0, 2, 3))  # every position
         cols = cols.reshape(self.group, self.cols, -1)  # [G, K, m], columns in weight order (c, i, j)
         if not np.isfinite(cols).all():
             finite = np.isfinite(cols).all(axis=(0, 1))
