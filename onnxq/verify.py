@@ -145,7 +145,9 @@ def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime
         reference, candidate, sizes = [], [], []
         count, batches, f_times, q_times = 0, 0, [], []
         kept = _Kept(math.ceil(len(paths) / inputs.batch_size(batch_size)))  # for the FloatRun it returns
-        for batch in iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size(batch_size)):
+        skipped = []  # unreadable files: said in the note
+        for batch in iter_batches(paths, inputs.hw, pp, batch_size=inputs.batch_size(batch_size),
+                                  on_skip=lambda p, _: skipped.append(Path(p).name)):
             feed = {**inputs.feed(batch.images), **image_inputs(inputs, batch)}
             if f_run is not None:
                 t0 = time.perf_counter()
@@ -180,11 +182,17 @@ def agreement_and_float_run(float_model, quant_model, paths, pp, inputs, runtime
     sqnr = {name: sqnr_from_sums(signal[name], noise[name]) for name in signal}
     speedup = _speedup(run.times, q_times) if runtime == "ort" else None
     if family is None:
-        return Agreement(count, runtime, None, None, 0, sqnr, "output layout not decoded: output SQNR only",
-                         speedup), run
+        return Agreement(count, runtime, None, None, 0, sqnr, _notes("output layout not decoded: output SQNR only",
+                                                                     skipped), speedup), run
     map_, map50, boxes = _coco_scores(reference, candidate, sizes, family.num_classes)
     note = "" if map_ is not None else f"the float model found nothing above {REFERENCE_SCORE} on these images"
-    return Agreement(count, runtime, map_, map50, boxes, sqnr, note, speedup), run
+    return Agreement(count, runtime, map_, map50, boxes, sqnr, _notes(note, skipped), speedup), run
+
+
+def _notes(note, skipped):
+    """The check's note, with the unreadable files it skipped named."""
+    unread = f"{len(skipped)} unreadable image(s) skipped: {', '.join(skipped[:3])}" if skipped else ""
+    return "; ".join(n for n in (note, unread) if n)
 
 
 class _Kept:

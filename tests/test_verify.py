@@ -268,3 +268,13 @@ def test_a_target_agreeing_far_less_than_qyolos_placement_says_so():
     _, as_qyolo = quantize_with_report(MODELS_DIR / "yolox_nano_416.onnx", CALIB_DIR / "images", num_images=16,
                                        bias_correction=0, target="qyolo")
     assert as_qyolo.agreement.reference is None  # the reference itself: nothing to compare with
+
+
+def test_an_unreadable_image_in_the_check_is_named_in_its_note(tmp_path):
+    model_path = MODELS_DIR / "fastestdet_352.onnx"
+    model = onnx.load(str(model_path))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    paths = list_images(CALIB_DIR / "images")[:2] + [broken]
+    a = measure_agreement(model_path, model, paths, PRESETS["fastestdet"], find_inputs(model))
+    assert a.images == 2 and "1 unreadable image(s) skipped: broken.jpg" in a.note
