@@ -48,18 +48,32 @@ def collect_hessians(prepared, node_names, paths, pp, batch_size=None, threads=N
     graph_inputs = {t.name for t in prepared.graph.inputs}
     exposed = sorted({n.inputs[0].name for n in convs} - graph_inputs)
     session = make_session(model_with_outputs(prepared.model, exposed), threads) if exposed else None
-    accumulators = {n.name: HessianAccumulator.from_attrs(n.attrs, n.inputs[1].values.shape,
-                                                          max_rows=max_rows or MAX_ROWS) for n in convs}
+    # convs that read the same input through the same windows share one H (C3's and C2f's 1x1 pairs, a
+    # detect head's box and class branches): the same seed samples the same positions, so it is the same sum
+    sources = {n.name: _window_key(n) for n in convs}
+    accumulators = {}
+    for n in convs:
+        if sources[n.name] not in accumulators:
+            accumulators[sources[n.name]] = HessianAccumulator.from_attrs(n.attrs, n.inputs[1].values.shape,
+                                                                          max_rows=max_rows or MAX_ROWS)
     for batch in iter_batches(paths, prepared.inputs.hw, pp, batch_size=prepared.inputs.batch_size(batch_size)):
         feed = prepared.inputs.feed(batch.images)
         values = dict(feed)
         if session is not None:
             values.update(zip(exposed, session.run(exposed, feed)))
-        for n in convs:
-            x = np.asarray(values[n.inputs[0].name], dtype=np.float32)
+        for key, acc in accumulators.items():
+            x = np.asarray(values[key[0]], dtype=np.float32)
             x = prepared.inputs.real_rows(x, len(batch.images))
             for i in range(len(x)):  # a bounded sample per image, not per batch: the same H whatever --batch
-                accumulators[n.name].add(x[i:i + 1])
+                acc.add(x[i:i + 1])
         if progress is not None:
             progress(len(batch.paths))
-    return {name: acc.hessian() for name, acc in accumulators.items() if acc.n}
+    hessians = {key: acc.hessian() for key, acc in accumulators.items() if acc.n}
+    return {n.name: hessians[sources[n.name]] for n in convs if sources[n.name] in hessians}
+
+
+def _window_key(conv):
+    """What a conv's H depends on: its input and how its windows read it (not its output channels)."""
+    a = conv.attrs
+    return (conv.inputs[0].name, tuple(conv.inputs[1].values.shape[1:]),
+            *(repr(a.get(k)) for k in ("kernel_shape", "strides", "pads", "dilations", "group", "auto_pad")))

@@ -76,7 +76,7 @@ def test_auto_covers_two_sided_inputs(tmp_path):
     from onnxq.ranges import MIDRANGE_ZERO_POINT
 
     path = MODELS_DIR / "fastestdet_352.onnx"
-    q, report = quantize_with_report(path, CALIB_DIR / "images", num_images=2, bias_correction=0)
+    q, report = quantize_with_report(path, CALIB_DIR / "images", verify=False, num_images=2, bias_correction=0)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
     producer = {o: n for n in q.graph.node for o in n.output}
     bits = {w["node"]: w["bits"] for w in report.weights}
@@ -89,8 +89,8 @@ def test_auto_covers_two_sided_inputs(tmp_path):
     assert len(two_sided) >= 10
     assert {n for n, b in bits.items() if b == 7} == two_sided  # (its first conv stays float: ort target)
     assert not any(w["overflow_exposed"] for w in report.weights)
-    q_first, report_first = quantize_with_report(path, CALIB_DIR / "images", num_images=2, bias_correction=0,
-                                                  overflow_fix="first")
+    q_first, report_first = quantize_with_report(path, CALIB_DIR / "images", verify=False, num_images=2,
+                                                 bias_correction=0, overflow_fix="first")
     assert {w["bits"] for w in report_first.weights} == {8}
     assert {w["node"] for w in report_first.weights if w["overflow_exposed"]} == two_sided
 
@@ -103,7 +103,8 @@ def test_onnxruntime_integer_run_matches_the_reference_with_the_fix(tmp_path):
     images = next(iter_batches(list_images(VAL_DIR / "images")[:2], (352, 352), preset("fastestdet"))).images
     agreement = {}
     for fix in ("auto", "none"):
-        q, _ = quantize_with_report(path, CALIB_DIR / "images", num_images=8, bias_correction=0, overflow_fix=fix)
+        q, _ = quantize_with_report(path, CALIB_DIR / "images", verify=False,
+                                    num_images=8, bias_correction=0, overflow_fix=fix)
         qpath = save_model(q, tmp_path / f"q_{fix}.onnx")
         feed = {"input.1": images}
         (integer,), (reference,) = get_runner("ort", qpath)(feed), get_runner("reference", qpath)(feed)

@@ -278,3 +278,51 @@ def test_an_unreadable_image_in_the_check_is_named_in_its_note(tmp_path):
     paths = list_images(CALIB_DIR / "images")[:2] + [broken]
     a = measure_agreement(model_path, model, paths, PRESETS["fastestdet"], find_inputs(model))
     assert a.images == 2 and "1 unreadable image(s) skipped: broken.jpg" in a.note
+
+
+def test_agreement_scores_are_what_cocoeval_summarize_gives():
+    """_coco_scores evaluates the 'all' area range at 100 detections only (the two figures it returns): the
+    same numbers as COCOeval with its default parameters and summarize, on jittered, dropped and
+    reclassified copies of reference boxes."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from onnxq.evaluate.coco import quiet
+    from onnxq.verify import REFERENCE_SCORE, _coco_scores
+
+    rng = np.random.default_rng(3)
+    sizes, reference, candidate = [], [], []
+    for _ in range(12):
+        n = int(rng.integers(0, 9))
+        xy = rng.uniform(0, 400, (n, 2))
+        boxes = np.hstack([xy, xy + rng.uniform(4, 200, (n, 2))])  # small, medium and large boxes
+        scores, classes = rng.uniform(0.1, 1.0, n), rng.integers(0, 5, n)
+        keep = rng.uniform(size=n) > 0.2
+        moved = boxes + rng.normal(0, 6, boxes.shape)
+        flipped = np.where(rng.uniform(size=n) < 0.15, (classes + 1) % 5, classes)
+        sizes.append((640, 640))
+        reference.append((boxes, scores, classes))
+        candidate.append((moved[keep], rng.uniform(0.05, 1.0, n)[keep], flipped[keep]))
+    got50_95, got50, boxes = _coco_scores(reference, candidate, sizes, 5)
+
+    anns, results = [], []
+    for i, ((rb, rs, rc), (cb, cs, cc)) in enumerate(zip(reference, candidate)):
+        for b, c in zip(rb[rs >= REFERENCE_SCORE], rc[rs >= REFERENCE_SCORE]):
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1, "iscrowd": 0,
+                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1])})
+        results += [{"image_id": i + 1, "category_id": int(c) + 1, "score": float(s),
+                     "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]} for b, s, c in zip(cb, cs, cc)]
+    with quiet():
+        gt = COCO()
+        gt.dataset = {"images": [{"id": i + 1, "height": 640, "width": 640} for i in range(len(sizes))],
+                      "annotations": anns, "categories": [{"id": c + 1} for c in range(5)]}
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), "bbox")
+        ev.params.catIds = sorted({a["category_id"] for a in anns})
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert boxes == len(anns) > 20
+    assert 10 < got50_95 < got50 < 100
+    assert got50_95 == pytest.approx(100 * ev.stats[0], abs=1e-9)
+    assert got50 == pytest.approx(100 * ev.stats[1], abs=1e-9)

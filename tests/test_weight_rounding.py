@@ -409,3 +409,42 @@ def test_gptq_act_order_is_gptq_on_permuted_columns():
     back = np.empty_like(plain)
     back[:, perm] = plain
     np.testing.assert_array_equal(wr.gptq_quantize(w, H, s, 4, act_order=True), back)
+
+
+def test_convs_reading_the_same_windows_share_one_hessian():
+    """collect_hessians sums X X^T once per (input, windows): two 3x3 convs on one tensor (a detect head's box
+    and class branches) get the H each would get alone, and so does one whose windows differ."""
+    from onnx import TensorProto, helper
+
+    from onnxq import api
+    from onnxq.images import list_images
+    from onnxq.preprocess import PRESETS
+    from onnxq.weight_inputs import collect_hessians
+    from conftest import CALIB_DIR
+
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        return helper.make_tensor(name, TensorProto.FLOAT, shape, rng.normal(0, 1, int(np.prod(shape))))
+
+    nodes = [helper.make_node("Conv", ["img", "w0"], ["a"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "wa"], ["ya"], name="box", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["r", "wb"], ["yb"], name="cls", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["r", "wc"], ["yc"], name="valid"),
+             helper.make_node("Conv", ["r", "wd"], ["yd"], name="pointwise")]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", "c", "h", "w"]) for n in ("ya", "yb", "yc", "yd")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 3, 80, 80])],
+                              outs, [weight("w0", [4, 3, 3, 3]), weight("wa", [5, 4, 3, 3]),
+                                     weight("wb", [7, 4, 3, 3]), weight("wc", [5, 4, 3, 3]),
+                                     weight("wd", [5, 4, 1, 1])])
+    prepared = api.prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    paths = list_images(CALIB_DIR / "images")[:3]
+    names = ("box", "cls", "valid", "pointwise")
+    together = collect_hessians(prepared, set(names), paths, PRESETS["ultralytics"])
+    assert together["box"] is together["cls"]
+    for name in names:
+        alone = collect_hessians(prepared, {name}, paths, PRESETS["ultralytics"])[name]
+        np.testing.assert_array_equal(together[name], alone)
+    assert together["valid"].shape == together["box"].shape and not np.array_equal(together["valid"],
+                                                                                   together["box"])
