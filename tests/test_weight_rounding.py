@@ -448,3 +448,16 @@ def test_convs_reading_the_same_windows_share_one_hessian():
         np.testing.assert_array_equal(together[name], alone)
     assert together["valid"].shape == together["box"].shape and not np.array_equal(together["valid"],
                                                                                    together["box"])
+
+
+def test_the_pipeline_rounds_gptq_in_act_order():
+    """ranges.weight_params (what every build calls) takes GPTQ's columns by descending H diagonal."""
+    from onnxq.ranges import weight_params
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 1, (8, 4, 3, 3)).astype(np.float32)
+    x = rng.normal(0, 1, (36, 600)) * np.linspace(0.2, 3.0, 36)[:, None]  # inputs of unequal strength
+    H = 2 * x @ x.T / x.shape[1]
+    got = weight_params("w", w, 0, 4, None, "gptq", H)
+    np.testing.assert_array_equal(got.q, wr.gptq_quantize(w, H, got.scale, 4, act_order=True))
+    assert not np.array_equal(got.q, wr.gptq_quantize(w, H, got.scale, 4))
