@@ -23,7 +23,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import OnnxqError, first_line
-from .images import iter_batches, unreadable_error
+from .images import image_bar, iter_batches, unreadable_error
 from .preprocess import Preprocess
 from .stats import Stats
 from .workers import Workers, claimed, cores, started
@@ -245,8 +245,6 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
     """
     channel_tensors = frozenset(channel_tensors)
     minmax_only = frozenset(minmax_only)
-    from tqdm import tqdm
-
     tensors = list(tensors)
     batch_size = inputs.batch_size(batch_size)
     if not isinstance(workers, Workers):
@@ -255,7 +253,7 @@ def calibrate(model, inputs, tensors, paths, pp: Preprocess, model_hash, batch_s
                              workers=started_workers,
                              threads=threads, progress=progress, on_skip=on_skip, channel_tensors=channel_tensors,
                              minmax_only=minmax_only)
-    bar = tqdm(total=len(paths), desc="calibrating", unit="img", disable=not progress, leave=False)
+    bar = image_bar(len(paths), "calibrating", progress)
     try:
         if workers.count == 1:
             stats = Stats(model_hash, pp.to_dict(), inputs.hw, extras_digest=inputs.extras_digest())

@@ -234,3 +234,10 @@ def iter_batches(paths, hw, pp: Preprocess, batch_size=1, threads=2, on_skip=Non
         for f in pending:
             f.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def image_bar(total, desc, shown=True):
+    """The progress bar of a pass over `total` images, on stderr; it vanishes when done."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not shown, leave=False)

@@ -209,9 +209,9 @@ def weight_inputs(prepared, plan, config, calib, held_out, pp, seconds):
 
 def _bar(config, total, desc):
     """A progress bar over `total` images on stderr, shown where config.progress asks for it."""
-    from tqdm import tqdm
+    from .images import image_bar
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not config.progress, leave=False)
+    return image_bar(total, desc, config.progress)
 
 
 def build(prepared, target, config, st, pp, rounding, calib, held_out, extra_float, placed_as=None) -> Built:

@@ -35,10 +35,9 @@ def _fmt(x):
 def run(args):
     from ..api import prepare_model, resolve_preprocess
     from ..compare import compare_models, plot_tensor
-    from ..images import iter_batches, list_images
+    from ..images import image_bar, iter_batches, list_images
     from ..model import load_model
     from ..preprocess import preprocess_from_metadata
-    from tqdm import tqdm
 
     quiet_warnings(args.verbose)
     if args.num_images is not None and args.num_images <= 0:
@@ -63,7 +62,7 @@ def run(args):
         pp, source = resolve_preprocess(prepared, explicit, source, images=list_images(args.calib))
     paths = list_images(args.calib, num_images=args.num_images)
     batches = (b.images for b in iter_batches(paths, prepared.inputs.hw, pp, batch_size=1))
-    with tqdm(total=len(paths), desc="comparing", unit="img", disable=args.no_progress, leave=False) as bar:
+    with image_bar(len(paths), "comparing", not args.no_progress) as bar:
         rows, _ = compare_models(prepared.model, quant, batches, prepared.inputs, tick=bar.update)
     acts = [r for r in rows if r.kind == "activation"]
     silu_inputs = [r for r in rows if r.kind == "silu input"]

@@ -36,10 +36,8 @@ def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, famil
     iou: the val protocol's NMS IoU; deploy_iou: the deploy protocol's (default nms.DEPLOY_IOU_THRESHOLD).
     save_dets: the val protocol's detections, COCO results format.
     """
-    from tqdm import tqdm
-
     from ..backends import get_runner
-    from ..images import iter_batches
+    from ..images import image_bar, iter_batches
     from ..model import find_inputs, load_model
 
     t0 = time.perf_counter()
@@ -66,7 +64,7 @@ def evaluate_model(model_path, data_dir, ann=None, runtime="ort", pp=None, famil
     skipped, infer_s = [], 0.0
     dets = {name: [] for name in PROTOCOLS}
     given = set(input_values or {})
-    bar = tqdm(total=len(index), desc="eval", unit="img", disable=not progress, leave=False)
+    bar = image_bar(len(index), "eval", progress)
     try:
         for batch in iter_batches([p for p, _ in index], inputs.hw, pp, batch_size=inputs.fixed_batch,
                                   on_skip=lambda p, why: skipped.append(p)):
