@@ -7,6 +7,7 @@ the ops between int8 convs in int8 (Sigmoid and Mul of a SiLU, residual Adds, Co
   float-silu        a SiLU's Sigmoid and Mul in float (the conv before it still writes int8)
   float-outputs     no conv output quantized and nothing in int8 between the convs: Q-YOLO's placement
                     with the ort target's int32 biases (onnxruntime then runs the convs in float)
+  float-depthwise   depthwise convs float, their inputs as the float model computes them (Target.float_depthwise)
 Each model: one calibration (128 images), every variant from it (verification and repair off), scored on
 coco_val2017_first128 + more500 (628 images) and timed interleaved with the FP32 model on onnxruntime
 (2 threads).
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-VARIANTS = ("ort", "float-add", "float-silu", "float-outputs")
+VARIANTS = ("ort", "float-add", "float-silu", "float-outputs", "float-depthwise")
 
 
 def variant_target(ort, name):
@@ -37,6 +38,8 @@ def variant_target(ort, name):
                                                                           if o not in ("Sigmoid", "Mul")))
     if name == "float-outputs":
         return dataclasses.replace(ort, name=name, quantize_conv_outputs=False, int8_elementwise=())
+    if name == "float-depthwise":
+        return dataclasses.replace(ort, name=name, float_depthwise=True)
     raise SystemExit(f"--variants: unknown {name!r}; choose from {', '.join(VARIANTS)}")
 
 

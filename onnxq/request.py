@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .passes.graph import is_depthwise
 from .passes.select import silu_inputs
 from .ranges import needs_histogram
 
@@ -55,13 +56,7 @@ def reusable_request(graph, plans) -> ObservationRequest:
 
 def depthwise_tensors(graph) -> dict:
     """Depthwise Conv node name -> (its activation input, its output)."""
-    out = {}
-    for n in graph.nodes:
-        w = n.inputs[1] if n.op == "Conv" and len(n.inputs) > 1 else None
-        group = int(n.attrs.get("group", 1)) if n.op == "Conv" else 1
-        if isinstance(w, gs.Constant) and group > 1 and w.values.shape[1] == 1:
-            out[n.name] = (n.inputs[0].name, n.outputs[0].name)
-    return out
+    return {n.name: (n.inputs[0].name, n.outputs[0].name) for n in graph.nodes if is_depthwise(n)}
 
 
 def channel_tensors(graph) -> set:

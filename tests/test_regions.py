@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import CALIB_DIR, MODELS_DIR, VAL_DIR
 from onnxq.api import prepare_model, quantize_with_report
@@ -146,15 +146,32 @@ def test_an_activation_onnxq_cannot_evaluate_keeps_its_input_float():
 
 
 def test_an_activation_read_float_only_takes_a_range_its_readers_cannot_tell_apart():
-    graph = prepare_model(_conv_act_conv(ACTIVATIONS["hardswish-decomposed"][0])).graph
-    plan = plan_quantization(graph, get_target("ort"), keep_first=False, exclude=["conv2"])
+    """Read only by a head conv that Q-YOLO keeps float, the activation's output stays float and its input
+    takes a range its reader cannot tell apart (the int8 conv before it still writes x)."""
+    model = _conv_act_conv(ACTIVATIONS["hardswish-decomposed"][0])
+    model.graph.node[6].input[0] = "y"  # the head conv reads the activation
+    del model.graph.node[5]
+    graph = prepare_model(model).graph
+    plan = plan_quantization(graph, get_target("ort"), keep_first=False)
+    assert plan.float_nodes["head"].startswith("head output conv")
     assert "y" not in plan.activations and plan.regions["x"].y == "y"
+
+
+@pytest.mark.parametrize("kept", [dict(exclude=["conv2"]), dict(float_nodes={"conv2": "kept float by repair"})])
+def test_an_activation_read_by_a_conv_kept_float_for_its_own_reason_keeps_its_input_float(kept):
+    """A conv the user excludes (or a repair keeps float) reads what the float model computes: no Q/DQ on
+    its input nor on the pre-activation before it. On a fine grid, x's 8-bit step followed a HardSwish
+    output's whole range: excluding PicoDet's depthwise convs took it from 23.99 to 16.76 mAP50-95."""
+    graph = prepare_model(_conv_act_conv(ACTIVATIONS["hardswish-decomposed"][0])).graph
+    plan = plan_quantization(graph, get_target("ort"), keep_first=False, **kept)
+    assert "y" not in plan.activations and "x" not in plan.activations and "x" not in plan.regions
+    assert "conv2" in plan.float_tensors["x"] and "conv1" in plan.weights
 
 
 def test_an_activation_feeding_a_conv_starved_by_one_scale_keeps_its_input_float():
     graph = prepare_model(_conv_act_conv(ACTIVATIONS["hardswish-decomposed"][0])).graph
     plan = plan_quantization(graph, get_target("ort"), keep_first=False, float_nodes={"conv2": "starved"})
-    assert "x" not in plan.activations and "starves" in plan.float_tensors["x"]
+    assert "x" not in plan.activations and "feeds conv2, kept float (starved)" in plan.float_tensors["x"]
 
 
 PICODET = MODELS_DIR / "picodet_s_320_esnet.onnx"
@@ -227,3 +244,24 @@ def test_a_conv_starved_by_one_scale_reads_float_values_back_to_their_source(tar
         if p is not None and p.op in LAYOUT_OPS:
             stack.extend((v, p) for v in p.inputs if isinstance(v, gs.Variable) and v.name)
     assert checked >= 3
+
+
+def test_a_target_that_runs_depthwise_convs_float_reads_their_inputs_exactly():
+    """Target.float_depthwise: every depthwise conv stays float with the reason, and the pre-activation before
+    it stays float too (its reader sees the float model's values); the conv before it keeps int8 inputs and
+    weights."""
+    import dataclasses
+
+    model = _conv_act_conv(ACTIVATIONS["hardswish-decomposed"][0])
+    conv2 = next(n for n in model.graph.node if n.name == "conv2")
+    conv2.attribute.extend([helper.make_attribute("group", 4), helper.make_attribute("pads", [1, 1, 1, 1])])
+    w2 = next(t for t in model.graph.initializer if t.name == "w2")
+    w2.CopyFrom(numpy_helper.from_array(np.random.default_rng(1).normal(0, 1, (4, 1, 3, 3)).astype(np.float32), "w2"))
+    graph = prepare_model(model).graph
+    plain = plan_quantization(graph, get_target("ort"), keep_first=False)
+    assert "conv2" in plain.weights and "x" in plain.regions
+    ort_float_dw = dataclasses.replace(get_target("ort"), float_depthwise=True)
+    plan = plan_quantization(graph, ort_float_dw, keep_first=False)
+    assert plan.float_nodes["conv2"] == "depthwise conv (the ort target runs them float)"
+    assert "x" not in plan.activations and "x" not in plan.regions and "conv2" in plan.float_tensors["x"]
+    assert "conv1" in plan.weights and "img" in plan.activations

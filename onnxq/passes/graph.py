@@ -80,3 +80,9 @@ def weight_of(node):
         return None
     w = node.inputs[1]
     return w if is_constant(w) else None
+
+
+def is_depthwise(node) -> bool:
+    """A Conv that filters each input channel alone (one weight channel per group, more than one group)."""
+    w = node.inputs[1] if node.op == "Conv" and len(node.inputs) > 1 else None
+    return isinstance(w, gs.Constant) and int(node.attrs.get("group", 1)) > 1 and w.values.shape[1] == 1

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import UsageError
-from .graph import COMPUTE_OPS, LAYOUT_OPS, consumers, producer, weight_of
+from .graph import COMPUTE_OPS, LAYOUT_OPS, consumers, is_depthwise, producer, weight_of
 from .head import Head, find_head
 from .regions import find_region, unknown_reader
 
@@ -197,7 +197,8 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
     uses = consumers(graph)
     graph_inputs = {t.name for t in graph.inputs}
     graph_outputs = {t.name for t in graph.outputs}
-    quantized = _quantized_compute(graph, plan, keep_first, keep_head, exclude, float_nodes or {})
+    quantized = _quantized_compute(graph, plan, keep_first, keep_head, exclude,
+                                   {**_depthwise_float(graph, target), **(float_nodes or {})})
     add_site = _site_adder(plan, graph_outputs)
     for node in quantized:
         w = weight_of(node)
@@ -226,13 +227,17 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
     _resolve_shares(plan)
 
     _float_layers_read_float(plan, uses)
-    if float_nodes:
-        _exact_inputs(graph, plan, float_nodes)
+    # layers kept float for a reason of their own (statistics, a repair, --exclude) read what the float model
+    # computes: the head's output convs and the first layer are Q-YOLO's choice and read the quantized model
+    exact = (set(float_nodes or ()) | set(_depthwise_float(graph, target))
+             | {n for n, why in plan.float_nodes.items() if why.startswith("--exclude ")})
+    if exact:
+        _exact_inputs(graph, plan, exact)
     if target.int8_elementwise:
         _drop_int8_ops_read_only_float(graph, plan)
 
     if target.quantize_conv_outputs:
-        _bound_pre_activations(graph, plan, uses, graph_outputs, set(float_nodes or ()))
+        _bound_pre_activations(graph, plan, uses, graph_outputs, exact)
 
     if target.quantize_add_inputs:
         _quantize_residual_adds(graph, head, add_site)
@@ -268,6 +273,13 @@ def _quantize_residual_adds(graph, head, add_site):
         if len(values) == 2 and all(v.shape is not None and len(v.shape) == 4 for v in values):
             for v in values:
                 add_site(v, node.name, "input")
+
+
+def _depthwise_float(graph, target) -> dict:
+    """{depthwise conv: why} where the target keeps depthwise convs float."""
+    if not target.float_depthwise:
+        return {}
+    return {n.name: f"depthwise conv (the {target.name} target runs them float)" for n in graph.nodes if is_depthwise(n)}
 
 
 def _quantized_compute(graph, plan, keep_first, keep_head, exclude, float_nodes) -> list:
@@ -620,8 +632,10 @@ def _bound_pre_activations(graph, plan, uses, graph_outputs, exact_readers=froze
     (ranges.region_input_range), never MinMax over an unbounded pre-activation (a HardSwish input spans
     -500..12); where the output is read float only, from a grid as fine as float readers need. Ops inside
     the region run in float between x's DQ and y's Q. Where x is read by an op whose effect onnxq cannot
-    evaluate, x stays float; so does x where the activation's output reaches a conv kept float because one
-    scale starves its channels (exact_readers): per-tensor rounding upstream would starve them the same."""
+    evaluate, x stays float; so does x where the activation's output reaches a conv kept float for a reason of
+    its own (exact_readers: one scale starves its channels, a repair, --exclude): per-tensor rounding
+    upstream would cost it what keeping it float took off, and from a grid as fine as it reads, x's 8-bit
+    step can be coarse (a HardSwish's output read up to 213: a step of 0.85)."""
     silu = silu_inputs(graph)
     shared = {s.share for s in plan.activations.values() if s.share is not None}
     shared |= {m for s in plan.activations.values() for m in s.merge}
@@ -645,8 +659,8 @@ def _bound_pre_activations(graph, plan, uses, graph_outputs, exact_readers=froze
         if starved is not None:
             for t in region.inner:
                 plan.activations.pop(t, None)
-            _leave_float(plan, name, f"its activation's output feeds {starved}, kept float: one scale starves "
-                                     "its channels")
+            _leave_float(plan, name, f"its activation's output feeds {starved}, kept float "
+                                     f"({plan.float_nodes.get(starved, 'its own reason')}): it reads the float model's values")
             continue
         for t in region.inner:  # the region runs in float between x's DQ and y's Q
             plan.activations.pop(t, None)
@@ -683,9 +697,9 @@ def float_readers(tensor: str, graph_readers: list, plan) -> bool:
 
 
 def _exact_inputs(graph, plan, exact_readers):
-    """Convs kept float because one scale starves their channels read float values back to the op that
-    computes them: no Q/DQ on the way, through Concats and other value-moving ops either (their inputs'
-    grids would starve the same channels)."""
+    """Convs kept float for a reason of their own read float values back to the op that computes them: no
+    Q/DQ on the way, through Concats and other value-moving ops either (their inputs' grids would cost them
+    the same)."""
     nodes = {n.name: n for n in graph.nodes}
     stack = [(nodes[name].inputs[0], nodes[name]) for name in exact_readers if name in nodes and nodes[name].inputs]
     seen = set()

@@ -47,6 +47,11 @@ class Target:
     # and 1x1 convs reading ShuffleNet's two-sided depthwise outputs took FastestDet's raw outputs from
     # 0.99 to 0.84-0.93 correlation with FP32 on onnxruntime. GPUs have no such instruction.
     overflow_fix: str = "auto"
+    # Depthwise convs kept float, their inputs as the float model computes them. Where the target also
+    # quantizes conv outputs, a depthwise conv's per-tensor output grid and its producer's pre-activation
+    # grid cost the models built on them about half a point beyond Q-YOLO's placement, and onnxruntime's
+    # int8 depthwise kernels save little over its float ones (bench/ort_placement.py).
+    float_depthwise: bool = False
     # where verification runs the quantized model: the runtime the target is for (TensorRT cannot run here:
     # onnxruntime runs its QDQ model as written)
     runtime: str = "ort"
