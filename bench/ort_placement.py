@@ -31,11 +31,10 @@ def variant_target(ort, name):
     """The ort target with `name`'s choice undone (a Target: placement rules are data)."""
     if name == "ort":
         return ort
-    if name == "float-add":
-        return dataclasses.replace(ort, name=name, int8_elementwise=tuple(o for o in ort.int8_elementwise if o != "Add"))
-    if name == "float-silu":
+    if name in ("float-add", "float-silu"):
+        out_of_int8 = ("Add",) if name == "float-add" else ("Sigmoid", "Mul")
         return dataclasses.replace(ort, name=name, int8_elementwise=tuple(o for o in ort.int8_elementwise
-                                                                          if o not in ("Sigmoid", "Mul")))
+                                                                          if o not in out_of_int8))
     if name == "float-outputs":
         return dataclasses.replace(ort, name=name, quantize_conv_outputs=False, int8_elementwise=())
     if name == "float-depthwise":

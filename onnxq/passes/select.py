@@ -197,8 +197,12 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
     uses = consumers(graph)
     graph_inputs = {t.name for t in graph.inputs}
     graph_outputs = {t.name for t in graph.outputs}
-    quantized = _quantized_compute(graph, plan, keep_first, keep_head, exclude,
-                                   {**_depthwise_float(graph, target), **(float_nodes or {})})
+    # layers kept float for a reason of their own (statistics, a repair, the target's depthwise rule,
+    # --exclude) read what the float model computes: the head's output convs and the first layer are
+    # Q-YOLO's choice and read the quantized model
+    own_float = {**_depthwise_float(graph, target), **(float_nodes or {})}
+    quantized, excluded = _quantized_compute(graph, plan, keep_first, keep_head, exclude, own_float)
+    exact = set(own_float) | excluded
     add_site = _site_adder(plan, graph_outputs)
     for node in quantized:
         w = weight_of(node)
@@ -227,10 +231,6 @@ def plan_quantization(graph: gs.Graph, target, keep_first=None, keep_head=None, 
     _resolve_shares(plan)
 
     _float_layers_read_float(plan, uses)
-    # layers kept float for a reason of their own (statistics, a repair, --exclude) read what the float model
-    # computes: the head's output convs and the first layer are Q-YOLO's choice and read the quantized model
-    exact = (set(float_nodes or ()) | set(_depthwise_float(graph, target))
-             | {n for n, why in plan.float_nodes.items() if why.startswith("--exclude ")})
     if exact:
         _exact_inputs(graph, plan, exact)
     if target.int8_elementwise:
@@ -279,16 +279,17 @@ def _depthwise_float(graph, target) -> dict:
     """{depthwise conv: why} where the target keeps depthwise convs float."""
     if not target.float_depthwise:
         return {}
-    return {n.name: f"depthwise conv (the {target.name} target runs them float)" for n in graph.nodes if is_depthwise(n)}
+    why = f"depthwise conv (the {target.name} target runs them float)"
+    return {n.name: why for n in graph.nodes if is_depthwise(n)}
 
 
-def _quantized_compute(graph, plan, keep_first, keep_head, exclude, float_nodes) -> list:
-    """The compute nodes to quantize, in graph order; the others go into plan.float_nodes with their reason
-    (the decode tail stays float without one)."""
+def _quantized_compute(graph, plan, keep_first, keep_head, exclude, float_nodes) -> tuple:
+    """(the compute nodes to quantize, in graph order, the names --exclude kept float); the others go into
+    plan.float_nodes with their reason (the decode tail stays float without one)."""
     head = plan.head
     excludes = _compile_excludes(exclude)
     graph_inputs = {t.name for t in graph.inputs}
-    matched = set()
+    matched, excluded = set(), set()
     quantized = []
     for node in graph.nodes:
         if node.op not in COMPUTE_OPS:
@@ -307,12 +308,14 @@ def _quantized_compute(graph, plan, keep_first, keep_head, exclude, float_nodes)
                 plan.reads_image.add(node.name)
         if why is not None:
             plan.float_nodes[node.name] = why
+            if pat is not None:
+                excluded.add(node.name)
             continue
         quantized.append(node)
     unmatched = [p for p, _ in excludes if p not in matched]
     if unmatched:
         raise UsageError(f"--exclude {unmatched[0]!r} matches no Conv/MatMul/Gemm node or output tensor")
-    return quantized
+    return quantized, excluded
 
 
 def _kept_float(node, excluded_by, float_nodes, head_output) -> str | None:
@@ -659,8 +662,9 @@ def _bound_pre_activations(graph, plan, uses, graph_outputs, exact_readers=froze
         if starved is not None:
             for t in region.inner:
                 plan.activations.pop(t, None)
-            _leave_float(plan, name, f"its activation's output feeds {starved}, kept float "
-                                     f"({plan.float_nodes.get(starved, 'its own reason')}): it reads the float model's values")
+            why = plan.float_nodes.get(starved, "its own reason")
+            _leave_float(plan, name, f"its activation's output feeds {starved}, kept float ({why}): it reads the "
+                                     "float model's values")
             continue
         for t in region.inner:  # the region runs in float between x's DQ and y's Q
             plan.activations.pop(t, None)
